@@ -1,0 +1,315 @@
+//! Chunks: the unit of transfer, lease and exactly-once restore. A chunk is one table (or leaf
+//! partition) or one range of a big table. Planning is pure logic so it is tested without a
+//! database: the sender measures the catalog, the coordinator turns the measurements into chunks.
+
+use anyhow::{bail, Context};
+use haul_proto as pb;
+
+use crate::ident::{quote_ident, TableName};
+
+/// Which rows of its table a chunk holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Range {
+    /// Every row.
+    Whole,
+    /// An integer key range `[lo, hi)`; `None` is unbounded.
+    Key {
+        column: String,
+        lo: Option<i64>,
+        hi: Option<i64>,
+    },
+    /// A physical page range `[lo, hi)` by ctid; the last range is open so pages added after
+    /// measuring are still covered.
+    Pages { lo: i64, hi: Option<i64> },
+}
+
+impl Range {
+    /// The `WHERE` condition selecting this range, if any.
+    pub fn predicate(&self) -> Option<String> {
+        match self {
+            Range::Whole => None,
+            Range::Key { column, lo, hi } => {
+                let col = quote_ident(column);
+                let mut parts = Vec::new();
+                if let Some(lo) = lo {
+                    parts.push(format!("{col} >= {lo}"));
+                }
+                if let Some(hi) = hi {
+                    parts.push(format!("{col} < {hi}"));
+                }
+                if parts.is_empty() {
+                    None
+                } else {
+                    Some(parts.join(" AND "))
+                }
+            }
+            Range::Pages { lo, hi } => {
+                let mut p = format!("ctid >= '({lo},0)'::tid");
+                if let Some(hi) = hi {
+                    p.push_str(&format!(" AND ctid < '({hi},0)'::tid"));
+                }
+                Some(p)
+            }
+        }
+    }
+
+    pub fn to_wire(&self) -> pb::ChunkRange {
+        use pb::chunk_range::Kind;
+        let kind = match self {
+            Range::Whole => Kind::Whole(pb::Empty {}),
+            Range::Key { column, lo, hi } => Kind::Key(pb::KeyRange {
+                column: column.clone(),
+                lo: *lo,
+                hi: *hi,
+            }),
+            Range::Pages { lo, hi } => Kind::Pages(pb::PageRange { lo: *lo, hi: *hi }),
+        };
+        pb::ChunkRange { kind: Some(kind) }
+    }
+
+    pub fn from_wire(r: Option<&pb::ChunkRange>) -> anyhow::Result<Range> {
+        use pb::chunk_range::Kind;
+        match r.and_then(|r| r.kind.as_ref()) {
+            None | Some(Kind::Whole(_)) => Ok(Range::Whole),
+            Some(Kind::Key(k)) => {
+                if k.column.is_empty() {
+                    bail!("key range without a column");
+                }
+                Ok(Range::Key {
+                    column: k.column.clone(),
+                    lo: k.lo,
+                    hi: k.hi,
+                })
+            }
+            Some(Kind::Pages(p)) => Ok(Range::Pages { lo: p.lo, hi: p.hi }),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Range::Whole => "whole".into(),
+            Range::Key { column, lo, hi } => format!(
+                "{column} in [{}, {})",
+                lo.map_or("-inf".into(), |v| v.to_string()),
+                hi.map_or("+inf".into(), |v| v.to_string())
+            ),
+            Range::Pages { lo, hi } => format!(
+                "pages [{lo}, {})",
+                hi.map_or("end".into(), |v| v.to_string())
+            ),
+        }
+    }
+}
+
+/// A column copied by a chunk (generated columns are not: the target computes them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub type_name: String,
+}
+
+/// What the sender measured about one table.
+#[derive(Debug, Clone)]
+pub struct TableMeasure {
+    pub table: TableName,
+    pub columns: Vec<Column>,
+    pub bytes: u64,
+    pub est_rows: i64,
+    /// A single-column integer primary key, with cut points from its sampled distribution.
+    pub split_key: Option<String>,
+    pub key_cuts: Vec<i64>,
+    pub pages: i64,
+}
+
+/// One planned chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// Index into the measured tables.
+    pub table: usize,
+    pub range: Range,
+    pub est_bytes: u64,
+}
+
+/// How many pieces a table of `bytes` needs so that no piece exceeds `chunk_bytes`.
+pub fn pieces(bytes: u64, chunk_bytes: u64) -> u64 {
+    if chunk_bytes == 0 || bytes <= chunk_bytes {
+        1
+    } else {
+        bytes.div_ceil(chunk_bytes)
+    }
+}
+
+/// Turn measured tables into chunks, largest first (ties keep catalog order). A table above
+/// `chunk_bytes` is split by its integer key cuts when it has them, else by ctid page ranges.
+pub fn plan(tables: &[TableMeasure], chunk_bytes: u64) -> Vec<ChunkPlan> {
+    let mut out = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let n = pieces(t.bytes, chunk_bytes);
+        if n <= 1 {
+            out.push(ChunkPlan {
+                table: i,
+                range: Range::Whole,
+                est_bytes: t.bytes,
+            });
+            continue;
+        }
+        if let (Some(key), false) = (&t.split_key, t.key_cuts.is_empty()) {
+            let mut cuts = t.key_cuts.clone();
+            cuts.sort_unstable();
+            cuts.dedup();
+            let per = t.bytes / (cuts.len() as u64 + 1);
+            let mut lo = None;
+            for c in cuts.iter().copied().chain(std::iter::once(i64::MAX)) {
+                let hi = if c == i64::MAX { None } else { Some(c) };
+                out.push(ChunkPlan {
+                    table: i,
+                    range: Range::Key {
+                        column: key.clone(),
+                        lo,
+                        hi,
+                    },
+                    est_bytes: per,
+                });
+                lo = hi;
+            }
+        } else if t.pages > 1 {
+            let n = n.min(t.pages as u64).max(1) as i64;
+            let step = (t.pages + n - 1) / n;
+            let per = t.bytes / n as u64;
+            let mut lo = 0;
+            while lo < t.pages {
+                let hi = lo + step;
+                out.push(ChunkPlan {
+                    table: i,
+                    range: Range::Pages {
+                        lo,
+                        hi: if hi >= t.pages { None } else { Some(hi) },
+                    },
+                    est_bytes: per,
+                });
+                lo = hi;
+            }
+        } else {
+            out.push(ChunkPlan {
+                table: i,
+                range: Range::Whole,
+                est_bytes: t.bytes,
+            });
+        }
+    }
+    out.sort_by(|a, b| b.est_bytes.cmp(&a.est_bytes));
+    out
+}
+
+/// The quantile fractions a sender samples the key at, for a table needing `n` pieces.
+pub fn quantiles(n: u64) -> Vec<f64> {
+    (1..n).map(|i| i as f64 / n as f64).collect()
+}
+
+impl Column {
+    pub fn to_wire(&self) -> pb::Column {
+        pb::Column {
+            name: self.name.clone(),
+            type_name: self.type_name.clone(),
+        }
+    }
+    pub fn from_wire(c: &pb::Column) -> anyhow::Result<Column> {
+        if c.name.is_empty() {
+            bail!("column without a name");
+        }
+        Ok(Column {
+            name: c.name.clone(),
+            type_name: c.type_name.clone(),
+        })
+    }
+}
+
+/// A chunk's table from the wire, refusing an empty name.
+pub fn table_from_wire(t: Option<&pb::TableRef>) -> anyhow::Result<TableName> {
+    let t = t.context("message names no table")?;
+    if t.name.is_empty() || t.schema.is_empty() {
+        bail!("message names an empty table");
+    }
+    Ok(TableName::from(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str, bytes: u64, key: bool, cuts: Vec<i64>, pages: i64) -> TableMeasure {
+        TableMeasure {
+            table: TableName::new("public", name),
+            columns: vec![],
+            bytes,
+            est_rows: 0,
+            split_key: key.then(|| "id".to_string()),
+            key_cuts: cuts,
+            pages,
+        }
+    }
+
+    #[test]
+    fn small_tables_are_whole_and_largest_goes_first() {
+        let p = plan(&[t("a", 10, false, vec![], 1), t("b", 30, false, vec![], 1)], 100);
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0].table, 1);
+        assert_eq!(p[0].range, Range::Whole);
+    }
+
+    #[test]
+    fn big_table_splits_on_key_cuts_covering_everything() {
+        let p = plan(&[t("big", 400, true, vec![300, 100, 200, 200], 50)], 100);
+        let ranges: Vec<_> = p.iter().map(|c| c.range.clone()).collect();
+        let key = |lo, hi| Range::Key {
+            column: "id".into(),
+            lo,
+            hi,
+        };
+        assert_eq!(
+            ranges,
+            vec![
+                key(None, Some(100)),
+                key(Some(100), Some(200)),
+                key(Some(200), Some(300)),
+                key(Some(300), None)
+            ]
+        );
+    }
+
+    #[test]
+    fn keyless_table_splits_on_pages_with_open_end() {
+        let p = plan(&[t("heap", 1000, false, vec![], 10)], 300);
+        let ranges: Vec<_> = p.iter().map(|c| c.range.clone()).collect();
+        assert_eq!(
+            ranges,
+            vec![
+                Range::Pages { lo: 0, hi: Some(3) },
+                Range::Pages { lo: 3, hi: Some(6) },
+                Range::Pages { lo: 6, hi: Some(9) },
+                Range::Pages { lo: 9, hi: None },
+            ]
+        );
+    }
+
+    #[test]
+    fn predicates_quote_columns() {
+        let r = Range::Key {
+            column: "Order Id".into(),
+            lo: Some(5),
+            hi: None,
+        };
+        assert_eq!(r.predicate().as_deref(), Some("\"Order Id\" >= 5"));
+        assert_eq!(Range::Whole.predicate(), None);
+        let w = Range::from_wire(Some(&r.to_wire())).expect("round trip");
+        assert_eq!(w, r);
+    }
+
+    #[test]
+    fn quantiles_split_evenly() {
+        assert_eq!(quantiles(4), vec![0.25, 0.5, 0.75]);
+        assert!(quantiles(1).is_empty());
+        assert_eq!(pieces(1000, 300), 4);
+        assert_eq!(pieces(1000, 0), 1);
+    }
+}

@@ -1,0 +1,142 @@
+//! pg_dump's plain-text schema scripts, cut into their table-of-contents entries.
+//!
+//! The receiver applies pre-data in batches of entries (one transaction per batch) instead of
+//! one giant transaction, because a transaction that creates ten thousand tables needs ten
+//! thousand locks and overflows a default lock table. Post-data is split in two waves: indexes
+//! and key constraints (independent of each other, built in parallel), then everything that
+//! depends on them (foreign keys, index attachments, triggers, policies), in dump order.
+
+/// One TOC entry of a plain-text dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// pg_dump's `Type:` (TABLE, INDEX, FK CONSTRAINT, ...).
+    pub kind: String,
+    pub name: String,
+    pub schema: String,
+    pub sql: String,
+}
+
+/// A dump split into its session preamble (SET lines run once per connection) and entries.
+#[derive(Debug, Clone, Default)]
+pub struct Script {
+    pub preamble: String,
+    pub entries: Vec<Entry>,
+}
+
+impl Script {
+    pub fn parse(text: &str) -> Script {
+        let mut script = Script::default();
+        let mut current: Option<Entry> = None;
+        let lines: Vec<&str> = text.lines().collect();
+        let mut i = 0;
+        while i < lines.len() {
+            let line = lines[i];
+            // pg_dump >= 15.14 brackets plain scripts with psql-only \restrict meta-commands.
+            if line.starts_with("\\restrict ") || line.starts_with("\\unrestrict ") {
+                i += 1;
+                continue;
+            }
+            if line == "--" {
+                if let Some(header) = lines.get(i + 1).and_then(|l| parse_header(l)) {
+                    if let Some(e) = current.take() {
+                        script.entries.push(e);
+                    }
+                    current = Some(header);
+                    i += 3; // "--", "-- Name: ...", "--"
+                    continue;
+                }
+            }
+            match &mut current {
+                Some(e) => {
+                    e.sql.push_str(line);
+                    e.sql.push('\n');
+                }
+                None => {
+                    if !line.starts_with("--") && !line.trim().is_empty() {
+                        script.preamble.push_str(line);
+                        script.preamble.push('\n');
+                    }
+                }
+            }
+            i += 1;
+        }
+        if let Some(e) = current.take() {
+            script.entries.push(e);
+        }
+        for e in &mut script.entries {
+            let trimmed = trim_comments(&e.sql);
+            e.sql = trimmed;
+        }
+        script.entries.retain(|e| !e.sql.trim().is_empty());
+        script
+    }
+
+    /// Post-data wave 1: entries with no dependency on other post-data entries.
+    pub fn is_independent_post(e: &Entry) -> bool {
+        matches!(e.kind.as_str(), "INDEX" | "CONSTRAINT")
+    }
+}
+
+fn parse_header(line: &str) -> Option<Entry> {
+    let rest = line.strip_prefix("-- Name: ")?;
+    let (name, rest) = rest.split_once("; Type: ")?;
+    let (kind, rest) = rest.split_once("; Schema: ")?;
+    let schema = rest.split_once("; Owner:").map_or(rest, |(s, _)| s);
+    Some(Entry {
+        kind: kind.to_string(),
+        name: name.to_string(),
+        schema: schema.to_string(),
+        sql: String::new(),
+    })
+}
+
+/// Drop trailing comment-only and blank lines of an entry.
+fn trim_comments(sql: &str) -> String {
+    let mut lines: Vec<&str> = sql.lines().collect();
+    while let Some(last) = lines.last() {
+        if last.trim().is_empty() || last.trim() == "--" || last.starts_with("-- PostgreSQL database dump complete") {
+            lines.pop();
+        } else {
+            break;
+        }
+    }
+    let mut out = lines.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = "--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\
+SET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n\n\
+--\n-- Name: Sales; Type: SCHEMA; Schema: -; Owner: -\n--\n\nCREATE SCHEMA \"Sales\";\n\n\n\
+--\n-- Name: f(); Type: FUNCTION; Schema: public; Owner: -\n--\n\n\
+CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS $$\n--\nselect 1;\n$$;\n\n\n\
+--\n-- Name: t t_pkey; Type: CONSTRAINT; Schema: public; Owner: -\n--\n\n\
+ALTER TABLE ONLY public.t\n    ADD CONSTRAINT t_pkey PRIMARY KEY (id);\n\n\n\
+--\n-- Name: t t_fk; Type: FK CONSTRAINT; Schema: public; Owner: -\n--\n\n\
+ALTER TABLE ONLY public.t ADD CONSTRAINT t_fk FOREIGN KEY (x) REFERENCES public.u(id);\n\n\n\
+--\n-- PostgreSQL database dump complete\n--\n\n\\unrestrict abc123\n";
+
+    #[test]
+    fn splits_entries_and_keeps_bodies() {
+        let s = Script::parse(DUMP);
+        assert_eq!(
+            s.preamble,
+            "SET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n"
+        );
+        let kinds: Vec<_> = s.entries.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["SCHEMA", "FUNCTION", "CONSTRAINT", "FK CONSTRAINT"]);
+        assert_eq!(s.entries[0].name, "Sales");
+        // A "--" line inside a function body is not mistaken for a header.
+        assert!(s.entries[1].sql.contains("--\nselect 1;"));
+        assert!(!s.entries[3].sql.contains("dump complete"));
+        assert!(!s.entries[3].sql.contains("unrestrict"));
+        assert!(Script::is_independent_post(&s.entries[2]));
+        assert!(!Script::is_independent_post(&s.entries[3]));
+    }
+}
