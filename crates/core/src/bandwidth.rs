@@ -21,6 +21,19 @@ pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
     if t.eq_ignore_ascii_case("unlimited") || t == "0" {
         return Ok(0);
     }
+    parse_quantity(s, t, "bandwidth")
+}
+
+/// Parse a size such as `256MB`, `64MiB` or `1GB` into bytes.
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    if t.is_empty() {
+        bail!("empty size: use a size such as 256MB or 1GiB");
+    }
+    parse_quantity(s, t, "size")
+}
+
+fn parse_quantity(s: &str, t: &str, what: &str) -> anyhow::Result<u64> {
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
@@ -29,7 +42,7 @@ pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
         .parse()
         .ok()
         .filter(|v: &f64| v.is_finite() && *v > 0.0)
-        .with_context(|| format!("bandwidth {s:?}: {num:?} is not a positive number"))?;
+        .with_context(|| format!("{what} {s:?}: {num:?} is not a positive number"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -42,12 +55,12 @@ pub fn parse_rate(s: &str) -> anyhow::Result<u64> {
         "mbit" => 1e6 / 8.0,
         "gbit" => 1e9 / 8.0,
         other => bail!(
-            "bandwidth {s:?}: unknown unit {other:?}; use B, KB, KiB, MB, MiB, GB, GiB, kbit, Mbit or Gbit"
+            "{what} {s:?}: unknown unit {other:?}; use B, KB, KiB, MB, MiB, GB, GiB, kbit, Mbit or Gbit"
         ),
     };
     let bytes = (value * mult).round();
     if bytes < 1024.0 {
-        bail!("bandwidth {s:?} is below 1 KiB/s; use 0 for no cap");
+        bail!("{what} {s:?} is below 1 KiB; use a larger value");
     }
     Ok(bytes as u64)
 }
@@ -96,7 +109,11 @@ impl Limiter {
             .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
         let clock = TokioClock::default();
         Limiter {
-            inner: Some((RateLimiter::direct_with_clock(quota, clock.clone()), clock, burst)),
+            inner: Some((
+                RateLimiter::direct_with_clock(quota, clock.clone()),
+                clock,
+                burst,
+            )),
         }
     }
 

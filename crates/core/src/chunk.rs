@@ -8,7 +8,7 @@ use haul_proto as pb;
 use crate::ident::{quote_ident, TableName};
 
 /// Which rows of its table a chunk holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Range {
     /// Every row.
     Whole,
@@ -102,7 +102,7 @@ impl Range {
 }
 
 /// A column copied by a chunk (generated columns are not: the target computes them).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Column {
     pub name: String,
     pub type_name: String,
@@ -122,7 +122,7 @@ pub struct TableMeasure {
 }
 
 /// One planned chunk.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChunkPlan {
     /// Index into the measured tables.
     pub table: usize,
@@ -251,7 +251,10 @@ mod tests {
 
     #[test]
     fn small_tables_are_whole_and_largest_goes_first() {
-        let p = plan(&[t("a", 10, false, vec![], 1), t("b", 30, false, vec![], 1)], 100);
+        let p = plan(
+            &[t("a", 10, false, vec![], 1), t("b", 30, false, vec![], 1)],
+            100,
+        );
         assert_eq!(p.len(), 2);
         assert_eq!(p[0].table, 1);
         assert_eq!(p[0].range, Range::Whole);

@@ -93,7 +93,11 @@ impl Codec {
             Ok(pb::Codec::None) => Ok(Codec::None),
             Ok(pb::Codec::Lz4) => Ok(Codec::Lz4),
             Ok(pb::Codec::Zstd) => Ok(Codec::Zstd {
-                level: if level == 0 { DEFAULT_ZSTD_LEVEL } else { level },
+                level: if level == 0 {
+                    DEFAULT_ZSTD_LEVEL
+                } else {
+                    level
+                },
             }),
             Err(_) => bail!("unknown codec number {codec} on the wire"),
         }
@@ -104,7 +108,9 @@ impl Codec {
         match self {
             Codec::None => Ok(raw.to_vec()),
             Codec::Lz4 => Ok(lz4_flex::block::compress(raw)),
-            Codec::Zstd { level } => zstd::bulk::compress(raw, level).context("zstd compress block"),
+            Codec::Zstd { level } => {
+                zstd::bulk::compress(raw, level).context("zstd compress block")
+            }
         }
     }
 }
@@ -122,7 +128,8 @@ pub fn decode(codec: Codec, payload: &[u8], raw_len: usize) -> anyhow::Result<Ve
         Codec::Lz4 => lz4_flex::block::decompress(payload, raw_len).context("lz4 decode block")?,
         Codec::Zstd { .. } => {
             let mut d = zstd::bulk::Decompressor::new().context("create zstd decoder")?;
-            d.decompress(payload, raw_len).context("zstd decode block")?
+            d.decompress(payload, raw_len)
+                .context("zstd decode block")?
         }
     };
     if out.len() != raw_len {
@@ -139,7 +146,9 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect()
+        (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect()
     }
 
     #[test]
@@ -158,7 +167,10 @@ mod tests {
         for codec in [Codec::None, Codec::Lz4, Codec::Zstd { level: 3 }] {
             let enc = codec.encode(&raw).expect("encode");
             assert!(decode(codec, &enc, raw.len() - 1).is_err(), "{codec} short");
-            assert!(decode(codec, &enc, crate::MAX_BLOCK_BYTES + 1).is_err(), "{codec} huge");
+            assert!(
+                decode(codec, &enc, crate::MAX_BLOCK_BYTES + 1).is_err(),
+                "{codec} huge"
+            );
         }
     }
 

@@ -17,13 +17,16 @@ pub async fn table_digest(client: &Client, table: &TableName) -> anyhow::Result<
     let cols = client
         .query(
             "SELECT a.attname::text FROM pg_attribute a \
-             WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY a.attname",
             &[&table.quoted()],
         )
         .await
         .with_context(|| format!("read columns of {table}"))?;
-    let names: Vec<String> = cols.iter().map(|r| quote_ident(&r.get::<_, String>(0))).collect();
+    let names: Vec<String> = cols
+        .iter()
+        .map(|r| quote_ident(&r.get::<_, String>(0)))
+        .collect();
     let row_expr = if names.is_empty() {
         "''".to_string()
     } else {

@@ -16,7 +16,9 @@ pub fn quote_literal(s: &str) -> String {
 }
 
 /// A schema-qualified table.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct TableName {
     pub schema: String,
     pub name: String,
@@ -99,10 +101,7 @@ mod tests {
     fn quotes_awkward_names() {
         assert_eq!(quote_ident("Order Lines"), "\"Order Lines\"");
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(
-            TableName::new("Sales", "x").quoted(),
-            "\"Sales\".\"x\""
-        );
+        assert_eq!(TableName::new("Sales", "x").quoted(), "\"Sales\".\"x\"");
         assert_eq!(quote_literal("it's"), "'it''s'");
     }
 

@@ -94,7 +94,10 @@ fn parse_header(line: &str) -> Option<Entry> {
 fn trim_comments(sql: &str) -> String {
     let mut lines: Vec<&str> = sql.lines().collect();
     while let Some(last) = lines.last() {
-        if last.trim().is_empty() || last.trim() == "--" || last.starts_with("-- PostgreSQL database dump complete") {
+        if last.trim().is_empty()
+            || last.trim() == "--"
+            || last.starts_with("-- PostgreSQL database dump complete")
+        {
             lines.pop();
         } else {
             break;

@@ -1,0 +1,309 @@
+//! A job and its chunks: the state machine the coordinator drives.
+//!
+//! planning -> copying -> finalizing -> done, or failed from any of them. A chunk is pending,
+//! leased (to one sender worker, with an epoch that grows on every lease) or done. The
+//! coordinator never sees rows: a chunk is done when its sender reports the receiver's
+//! receipt, which is given only after the target committed the chunk with its ledger row.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use haul_core::chunk::{ChunkPlan, Column, Range};
+use haul_core::ident::TableName;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Planning,
+    Copying,
+    Finalizing,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Planning => "planning",
+            Phase::Copying => "copying",
+            Phase::Finalizing => "finalizing",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+    pub fn is_over(self) -> bool {
+        matches!(self, Phase::Done | Phase::Failed)
+    }
+}
+
+/// The options a job was started with (the wire's JobOptions, owned here).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Options {
+    pub codec: i32,
+    pub zstd_level: i32,
+    pub chunk_bytes: u64,
+    pub bwlimit_bytes: u64,
+    pub create_schema: bool,
+    pub verify: bool,
+    pub tables: Vec<String>,
+    pub jobs: u32,
+}
+
+impl From<&haul_proto::JobOptions> for Options {
+    fn from(o: &haul_proto::JobOptions) -> Self {
+        Options {
+            codec: o.codec,
+            zstd_level: o.zstd_level,
+            chunk_bytes: o.chunk_bytes,
+            bwlimit_bytes: o.bwlimit_bytes,
+            create_schema: o.create_schema,
+            verify: o.verify,
+            tables: o.tables.clone(),
+            jobs: o.jobs,
+        }
+    }
+}
+
+impl Options {
+    pub fn to_wire(&self) -> haul_proto::JobOptions {
+        haul_proto::JobOptions {
+            codec: self.codec,
+            zstd_level: self.zstd_level,
+            chunk_bytes: self.chunk_bytes,
+            bwlimit_bytes: self.bwlimit_bytes,
+            create_schema: self.create_schema,
+            verify: self.verify,
+            tables: self.tables.clone(),
+            jobs: self.jobs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableInfo {
+    pub table: TableName,
+    pub columns: Vec<Column>,
+    pub bytes: u64,
+}
+
+/// The job record persisted under its id (chunks are persisted one key each).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub options: Options,
+    pub phase: Phase,
+    pub error: String,
+    /// The sender that planned the job holds its snapshot and finalizes it.
+    pub planner: Option<String>,
+    pub receiver_addr: String,
+    pub snapshot_id: String,
+    pub tables: Vec<TableInfo>,
+    pub started_unix_ms: u64,
+    pub finished_unix_ms: u64,
+    pub plan_attempts: u32,
+    pub verified: bool,
+    pub checks: Vec<Check>,
+    pub sequences: u32,
+    pub post_data_objects: u32,
+    /// The finalize task is out (with the planner); not handed out twice at once.
+    #[serde(default)]
+    pub finalize_leased: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Check {
+    pub table: TableName,
+    pub source_rows: i64,
+    pub target_rows: i64,
+    pub source_digest: String,
+    pub target_digest: String,
+}
+
+impl Check {
+    pub fn matches(&self) -> bool {
+        self.source_rows == self.target_rows && self.source_digest == self.target_digest
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkState {
+    Pending,
+    Leased {
+        agent: String,
+        since_unix_ms: u64,
+    },
+    Done {
+        rows: u64,
+        raw_bytes: u64,
+        wire_bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Chunk {
+    pub id: u64,
+    pub table: usize,
+    pub range: Range,
+    pub est_bytes: u64,
+    pub epoch: u64,
+    pub attempts: u32,
+    pub state: ChunkState,
+    pub last_error: String,
+}
+
+impl Chunk {
+    pub fn from_plan(id: u64, p: ChunkPlan) -> Chunk {
+        Chunk {
+            id,
+            table: p.table,
+            range: p.range,
+            est_bytes: p.est_bytes,
+            epoch: 0,
+            attempts: 0,
+            state: ChunkState::Pending,
+            last_error: String::new(),
+        }
+    }
+}
+
+/// A job in memory: its record and its chunks in lease order (largest first).
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub record: JobRecord,
+    pub chunks: Vec<Chunk>,
+}
+
+impl Job {
+    pub fn new(id: String, options: Options) -> Job {
+        Job {
+            record: JobRecord {
+                id,
+                options,
+                phase: Phase::Planning,
+                error: String::new(),
+                planner: None,
+                receiver_addr: String::new(),
+                snapshot_id: String::new(),
+                tables: Vec::new(),
+                started_unix_ms: now_ms(),
+                finished_unix_ms: 0,
+                plan_attempts: 0,
+                verified: false,
+                checks: Vec::new(),
+                sequences: 0,
+                post_data_objects: 0,
+                finalize_leased: false,
+            },
+            chunks: Vec::new(),
+        }
+    }
+
+    pub fn fail(&mut self, message: impl Into<String>) {
+        if !self.record.phase.is_over() {
+            self.record.phase = Phase::Failed;
+            self.record.error = message.into();
+            self.record.finished_unix_ms = now_ms();
+        }
+    }
+
+    pub fn leases_held_by(&self, agent: &str) -> usize {
+        self.chunks
+            .iter()
+            .filter(|c| matches!(&c.state, ChunkState::Leased { agent: a, .. } if a == agent))
+            .count()
+    }
+
+    /// Return leases older than `timeout` to pending. Returns how many expired.
+    pub fn expire_leases(&mut self, timeout: Duration) -> usize {
+        let cutoff = now_ms().saturating_sub(timeout.as_millis() as u64);
+        let mut n = 0;
+        for c in &mut self.chunks {
+            if matches!(c.state, ChunkState::Leased { since_unix_ms, .. } if since_unix_ms < cutoff)
+            {
+                c.state = ChunkState::Pending;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn all_done(&self) -> bool {
+        self.chunks
+            .iter()
+            .all(|c| matches!(c.state, ChunkState::Done { .. }))
+    }
+
+    pub fn elapsed_secs(&self) -> f64 {
+        let end = if self.record.finished_unix_ms > 0 {
+            self.record.finished_unix_ms
+        } else {
+            now_ms()
+        };
+        end.saturating_sub(self.record.started_unix_ms) as f64 / 1000.0
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job_with(n: usize) -> Job {
+        let mut j = Job::new(
+            "j1".into(),
+            Options {
+                codec: 1,
+                zstd_level: 3,
+                chunk_bytes: 1,
+                bwlimit_bytes: 0,
+                create_schema: true,
+                verify: true,
+                tables: vec![],
+                jobs: 2,
+            },
+        );
+        for i in 0..n {
+            j.chunks.push(Chunk::from_plan(
+                i as u64 + 1,
+                ChunkPlan {
+                    table: 0,
+                    range: Range::Whole,
+                    est_bytes: 10,
+                },
+            ));
+        }
+        j
+    }
+
+    #[test]
+    fn expired_leases_return_to_pending() {
+        let mut j = job_with(2);
+        j.chunks[0].state = ChunkState::Leased {
+            agent: "sender/a".into(),
+            since_unix_ms: 1,
+        };
+        j.chunks[1].state = ChunkState::Leased {
+            agent: "sender/a".into(),
+            since_unix_ms: now_ms(),
+        };
+        assert_eq!(j.leases_held_by("sender/a"), 2);
+        assert_eq!(j.expire_leases(Duration::from_secs(60)), 1);
+        assert_eq!(j.chunks[0].state, ChunkState::Pending);
+        assert_eq!(j.leases_held_by("sender/a"), 1);
+    }
+
+    #[test]
+    fn failing_keeps_the_first_error() {
+        let mut j = job_with(0);
+        j.fail("first");
+        j.fail("second");
+        assert_eq!(j.record.phase, Phase::Failed);
+        assert_eq!(j.record.error, "first");
+    }
+}

@@ -1,0 +1,553 @@
+//! The Coordinator gRPC service: registration, long-polled task handout, reports, and the
+//! operator's start and status calls. Every RPC checks the caller's certificate role first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use haul_certs::Role;
+use haul_core::chunk::{plan, Column, TableMeasure};
+use haul_core::ident::TableName;
+use haul_core::status::to_status;
+use haul_proto as pb;
+use haul_proto::coordinator_server::Coordinator;
+use tokio::sync::{Mutex, Notify};
+use tonic::{Request, Response, Status};
+
+use crate::job::{now_ms, Check, Chunk, ChunkState, Job, Options, Phase, TableInfo};
+use crate::store::Store;
+
+/// How long a poll waits for work before answering Idle. Long polls keep hand-out latency low
+/// without a busy loop; short enough that a sender notices shutdown quickly.
+const LONG_POLL: Duration = Duration::from_secs(2);
+
+struct Agent {
+    role: Role,
+    advertise: String,
+    last_seen_ms: u64,
+}
+
+pub struct State {
+    jobs: Vec<Job>,
+    agents: HashMap<String, Agent>,
+    next_receiver: usize,
+}
+
+pub struct Inner {
+    pub store: Store,
+    pub state: Mutex<State>,
+    /// Wakes long-polling senders when work may have appeared.
+    pub work: Notify,
+    pub lease_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub struct CoordinatorService {
+    pub inner: Arc<Inner>,
+}
+
+impl Inner {
+    pub fn new(store: Store, lease_timeout: Duration) -> anyhow::Result<Inner> {
+        let mut jobs = store.load()?;
+        // Leases from a previous run are void: their holders will ask again.
+        for j in &mut jobs {
+            for c in &mut j.chunks {
+                if matches!(c.state, ChunkState::Leased { .. }) {
+                    c.state = ChunkState::Pending;
+                }
+            }
+            if j.record.phase == Phase::Planning {
+                j.record.planner = None;
+            }
+            j.record.finalize_leased = false;
+        }
+        Ok(Inner {
+            store,
+            state: Mutex::new(State {
+                jobs,
+                agents: HashMap::new(),
+                next_receiver: 0,
+            }),
+            work: Notify::new(),
+            lease_timeout,
+        })
+    }
+}
+
+fn agent_id(role: Role, name: &str) -> String {
+    format!("{}/{}", role.as_str(), name)
+}
+
+impl State {
+    fn job_mut(&mut self, id: &str) -> Result<&mut Job, Status> {
+        self.jobs
+            .iter_mut()
+            .find(|j| j.record.id == id)
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    /// A live receiver's address, round robin.
+    fn pick_receiver(&mut self) -> Option<String> {
+        let cutoff = now_ms().saturating_sub(30_000);
+        let mut live: Vec<&String> = self
+            .agents
+            .values()
+            .filter(|a| {
+                a.role == Role::Receiver && a.last_seen_ms >= cutoff && !a.advertise.is_empty()
+            })
+            .map(|a| &a.advertise)
+            .collect();
+        live.sort();
+        if live.is_empty() {
+            return None;
+        }
+        let addr = live[self.next_receiver % live.len()].clone();
+        self.next_receiver = self.next_receiver.wrapping_add(1);
+        Some(addr)
+    }
+
+    /// The next task for `agent`, if any.
+    fn next_task(&mut self, agent: &str, lease_timeout: Duration) -> Option<pb::sender_task::Task> {
+        let receiver = self.pick_receiver();
+        for j in self.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+            match j.record.phase {
+                Phase::Planning if j.record.planner.is_none() => {
+                    let addr = receiver.clone()?;
+                    j.record.planner = Some(agent.to_string());
+                    j.record.receiver_addr = addr.clone();
+                    j.record.plan_attempts += 1;
+                    return Some(pb::sender_task::Task::Plan(pb::PlanTask {
+                        job_id: j.record.id.clone(),
+                        options: Some(j.record.options.to_wire()),
+                        receiver_addr: addr,
+                    }));
+                }
+                Phase::Copying => {
+                    j.expire_leases(lease_timeout);
+                    if j.all_done() {
+                        j.record.phase = Phase::Finalizing;
+                    } else {
+                        if j.leases_held_by(agent) >= j.record.options.jobs.max(1) as usize {
+                            continue;
+                        }
+                        let receiver = receiver
+                            .clone()
+                            .unwrap_or_else(|| j.record.receiver_addr.clone());
+                        let Some(c) = j.chunks.iter_mut().find(|c| c.state == ChunkState::Pending)
+                        else {
+                            continue;
+                        };
+                        c.epoch += 1;
+                        c.state = ChunkState::Leased {
+                            agent: agent.to_string(),
+                            since_unix_ms: now_ms(),
+                        };
+                        let t = &j.record.tables[c.table];
+                        return Some(pb::sender_task::Task::Chunk(pb::ChunkLease {
+                            job_id: j.record.id.clone(),
+                            chunk_id: c.id,
+                            epoch: c.epoch,
+                            snapshot_id: j.record.snapshot_id.clone(),
+                            table: Some(t.table.to_wire()),
+                            columns: t.columns.iter().map(Column::to_wire).collect(),
+                            range: Some(c.range.to_wire()),
+                            receiver_addr: receiver,
+                            options: Some(j.record.options.to_wire()),
+                        }));
+                    }
+                    if j.record.phase == Phase::Finalizing
+                        && j.record.planner.as_deref() == Some(agent)
+                    {
+                        j.record.finalize_leased = true;
+                        return Some(finalize_task(j));
+                    }
+                }
+                Phase::Finalizing
+                    if j.record.planner.as_deref() == Some(agent) && !j.record.finalize_leased =>
+                {
+                    j.record.finalize_leased = true;
+                    return Some(finalize_task(j));
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+fn finalize_task(j: &Job) -> pb::sender_task::Task {
+    pb::sender_task::Task::Finalize(pb::FinalizeTask {
+        job_id: j.record.id.clone(),
+        receiver_addr: j.record.receiver_addr.clone(),
+        options: Some(j.record.options.to_wire()),
+    })
+}
+
+fn table_ref(t: Option<&pb::TableRef>) -> Result<TableName, Status> {
+    haul_core::chunk::table_from_wire(t).map_err(|e| Status::invalid_argument(format!("{e:#}")))
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterReply>, Status> {
+        let who = haul_certs::require(&req, &[Role::Sender, Role::Receiver])?;
+        let r = req.into_inner();
+        // The certificate names the agent; a differing self-reported name is only a label.
+        let id = agent_id(who.role, &who.name);
+        if who.role == Role::Receiver && r.advertise.is_empty() {
+            return Err(Status::invalid_argument(
+                "a receiver must advertise the address senders dial",
+            ));
+        }
+        let mut st = self.inner.state.lock().await;
+        st.agents.insert(
+            id.clone(),
+            Agent {
+                role: who.role,
+                advertise: r.advertise,
+                last_seen_ms: now_ms(),
+            },
+        );
+        drop(st);
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::RegisterReply { agent_id: id }))
+    }
+
+    async fn sender_poll(
+        &self,
+        req: Request<pb::SenderPollRequest>,
+    ) -> Result<Response<pb::SenderTask>, Status> {
+        let who = haul_certs::require(&req, &[Role::Sender])?;
+        let id = agent_id(who.role, &who.name);
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        loop {
+            let notified = self.inner.work.notified();
+            {
+                let mut st = self.inner.state.lock().await;
+                match st.agents.get_mut(&id) {
+                    Some(a) => a.last_seen_ms = now_ms(),
+                    None => return Err(Status::not_found("unknown agent: register first")),
+                }
+                if let Some(task) = st.next_task(&id, self.inner.lease_timeout) {
+                    return Ok(Response::new(pb::SenderTask { task: Some(task) }));
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(Response::new(pb::SenderTask {
+                    task: Some(pb::sender_task::Task::Idle(pb::Idle { retry_ms: 0 })),
+                }));
+            }
+        }
+    }
+
+    async fn report_plan(
+        &self,
+        req: Request<pb::PlanReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let r = req.into_inner();
+        let mut measures = Vec::with_capacity(r.tables.len());
+        for t in &r.tables {
+            measures.push(TableMeasure {
+                table: table_ref(t.table.as_ref())?,
+                columns: t
+                    .columns
+                    .iter()
+                    .map(Column::from_wire)
+                    .collect::<anyhow::Result<_>>()
+                    .map_err(|e| Status::invalid_argument(format!("{e:#}")))?,
+                bytes: t.bytes,
+                est_rows: t.est_rows,
+                split_key: (!t.split_key.is_empty()).then(|| t.split_key.clone()),
+                key_cuts: t.key_cuts.clone(),
+                pages: t.pages,
+            });
+        }
+        let mut st = self.inner.state.lock().await;
+        let job = st.job_mut(&r.job_id)?;
+        if job.record.phase != Phase::Planning {
+            return Ok(Response::new(pb::Empty {}));
+        }
+        let plans = plan(&measures, job.record.options.chunk_bytes);
+        job.chunks = plans
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| Chunk::from_plan(i as u64 + 1, p))
+            .collect();
+        job.record.tables = measures
+            .into_iter()
+            .map(|m| TableInfo {
+                table: m.table,
+                columns: m.columns,
+                bytes: m.bytes,
+            })
+            .collect();
+        job.record.snapshot_id = r.snapshot_id;
+        job.record.phase = Phase::Copying;
+        tracing::info!(job = %job.record.id, tables = job.record.tables.len(), chunks = job.chunks.len(), "planned");
+        let (record, chunks) = (job.record.clone(), job.chunks.clone());
+        drop(st);
+        self.inner
+            .store
+            .put_chunks(&record.id, &chunks)
+            .map_err(to_status)?;
+        self.inner.store.put_record(&record).map_err(to_status)?;
+        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn report_chunk(
+        &self,
+        req: Request<pb::ChunkReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let r = req.into_inner();
+        let mut st = self.inner.state.lock().await;
+        let job = st.job_mut(&r.job_id)?;
+        let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) else {
+            return Err(Status::not_found(format!(
+                "job {} has no chunk {}",
+                r.job_id, r.chunk_id
+            )));
+        };
+        // The receipt means the target's ledger holds the chunk: done, whatever the epoch.
+        if !matches!(c.state, ChunkState::Done { .. }) {
+            c.state = ChunkState::Done {
+                rows: r.rows,
+                raw_bytes: r.raw_bytes,
+                wire_bytes: r.wire_bytes,
+            };
+        }
+        let chunk = c.clone();
+        if job.all_done() && job.record.phase == Phase::Copying {
+            job.record.phase = Phase::Finalizing;
+        }
+        let record = job.record.clone();
+        drop(st);
+        self.inner
+            .store
+            .put_chunk(&record.id, &chunk)
+            .map_err(to_status)?;
+        self.inner.store.put_record(&record).map_err(to_status)?;
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn report_final(
+        &self,
+        req: Request<pb::FinalReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let r = req.into_inner();
+        let mut checks = Vec::with_capacity(r.checks.len());
+        for c in &r.checks {
+            checks.push(Check {
+                table: table_ref(c.table.as_ref())?,
+                source_rows: c.source_rows,
+                target_rows: c.target_rows,
+                source_digest: c.source_digest.clone(),
+                target_digest: c.target_digest.clone(),
+            });
+        }
+        let mut st = self.inner.state.lock().await;
+        let job = st.job_mut(&r.job_id)?;
+        if job.record.phase != Phase::Finalizing {
+            return Ok(Response::new(pb::Empty {}));
+        }
+        job.record.verified = r.verified;
+        job.record.sequences = r.sequences;
+        job.record.post_data_objects = r.post_data_objects;
+        let bad: Vec<String> = checks
+            .iter()
+            .filter(|c| !c.matches())
+            .map(|c| c.table.to_string())
+            .collect();
+        job.record.checks = checks;
+        job.record.finished_unix_ms = now_ms();
+        if bad.is_empty() {
+            job.record.phase = Phase::Done;
+        } else {
+            job.fail(format!(
+                "verification found {} table(s) that differ between source and target: {}",
+                bad.len(),
+                bad.join(", ")
+            ));
+        }
+        tracing::info!(job = %job.record.id, phase = job.record.phase.as_str(), "finished");
+        let record = job.record.clone();
+        drop(st);
+        self.inner.store.put_record(&record).map_err(to_status)?;
+        self.inner.store.flush().await.map_err(to_status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<pb::FailureReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let r = req.into_inner();
+        let mut st = self.inner.state.lock().await;
+        let job = st.job_mut(&r.job_id)?;
+        let mut changed_chunk = None;
+        if r.fatal {
+            job.fail(r.message.clone());
+        } else if r.chunk_id == 0 {
+            match job.record.phase {
+                Phase::Planning if job.record.plan_attempts < 3 => job.record.planner = None,
+                // The planner polls again and retries, a few times.
+                Phase::Finalizing if job.record.plan_attempts < 6 => {
+                    job.record.finalize_leased = false;
+                    job.record.plan_attempts += 1;
+                }
+                _ => job.fail(r.message.clone()),
+            }
+        } else if let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) {
+            if c.epoch == r.epoch && matches!(c.state, ChunkState::Leased { .. }) {
+                c.attempts += 1;
+                c.last_error = r.message.clone();
+                c.state = ChunkState::Pending;
+                changed_chunk = Some(c.clone());
+                if c.attempts >= 5 {
+                    let msg = format!(
+                        "chunk {} failed {} times; last error: {}",
+                        c.id, c.attempts, r.message
+                    );
+                    job.fail(msg);
+                }
+            }
+        }
+        tracing::warn!(job = %r.job_id, chunk = r.chunk_id, fatal = r.fatal, "sender reported: {}", r.message);
+        let record = job.record.clone();
+        drop(st);
+        if let Some(c) = changed_chunk {
+            self.inner
+                .store
+                .put_chunk(&record.id, &c)
+                .map_err(to_status)?;
+        }
+        self.inner.store.put_record(&record).map_err(to_status)?;
+        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn start_job(
+        &self,
+        req: Request<pb::StartJobRequest>,
+    ) -> Result<Response<pb::StartJobReply>, Status> {
+        haul_certs::require(&req, &[Role::Operator])?;
+        let o = req
+            .into_inner()
+            .options
+            .ok_or_else(|| Status::invalid_argument("start needs job options"))?;
+        if o.jobs == 0 {
+            return Err(Status::invalid_argument("--jobs must be at least 1"));
+        }
+        let n = self.inner.store.next_job_number().map_err(to_status)?;
+        let id = format!("job-{}", n + 1);
+        let job = Job::new(id.clone(), Options::from(&o));
+        self.inner
+            .store
+            .put_record(&job.record)
+            .map_err(to_status)?;
+        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.state.lock().await.jobs.push(job);
+        self.inner.work.notify_waiters();
+        tracing::info!(job = %id, "job started");
+        Ok(Response::new(pb::StartJobReply { job_id: id }))
+    }
+
+    async fn job_status(
+        &self,
+        req: Request<pb::JobStatusRequest>,
+    ) -> Result<Response<pb::JobStatusReply>, Status> {
+        haul_certs::require(&req, &[Role::Operator])?;
+        let r = req.into_inner();
+        let st = self.inner.state.lock().await;
+        let job = if r.job_id.is_empty() {
+            st.jobs.last()
+        } else {
+            st.jobs.iter().find(|j| j.record.id == r.job_id)
+        };
+        let Some(job) = job else {
+            return Err(Status::not_found(if r.job_id.is_empty() {
+                "the coordinator has no jobs yet; start one with `haul start`".to_string()
+            } else {
+                format!("no job {}", r.job_id)
+            }));
+        };
+        Ok(Response::new(status_of(
+            job,
+            st.agents.values().any(|a| a.role == Role::Receiver),
+        )))
+    }
+}
+
+fn status_of(job: &Job, have_receiver: bool) -> pb::JobStatusReply {
+    let rec = &job.record;
+    let mut reply = pb::JobStatusReply {
+        job_id: rec.id.clone(),
+        phase: rec.phase.as_str().to_string(),
+        error: rec.error.clone(),
+        tables: rec.tables.len() as u32,
+        chunks: job.chunks.len() as u64,
+        elapsed_secs: job.elapsed_secs(),
+        verified: rec.verified && rec.phase == Phase::Done,
+        tables_checked: rec.checks.len() as u32,
+        sequences: rec.sequences,
+        snapshot_id: rec.snapshot_id.clone(),
+        planned_bytes: rec.tables.iter().map(|t| t.bytes).sum(),
+        ..Default::default()
+    };
+    if rec.phase == Phase::Planning && !have_receiver {
+        reply.error = "waiting for a receiver to register".to_string();
+    }
+    let mut per_table: Vec<pb::TableProgress> = rec
+        .tables
+        .iter()
+        .map(|t| pb::TableProgress {
+            table: Some(t.table.to_wire()),
+            bytes: t.bytes,
+            ..Default::default()
+        })
+        .collect();
+    for c in &job.chunks {
+        if let Some(tp) = per_table.get_mut(c.table) {
+            tp.chunks += 1;
+        }
+        if let ChunkState::Done {
+            rows,
+            raw_bytes,
+            wire_bytes,
+        } = c.state
+        {
+            reply.chunks_done += 1;
+            reply.rows_done += rows;
+            reply.raw_bytes_done += raw_bytes;
+            reply.wire_bytes_done += wire_bytes;
+            if let Some(tp) = per_table.get_mut(c.table) {
+                tp.chunks_done += 1;
+                tp.rows_done += rows;
+            }
+        }
+    }
+    reply.table_progress = per_table;
+    reply.mismatches = rec
+        .checks
+        .iter()
+        .filter(|c| !c.matches())
+        .map(|c| pb::TableCheck {
+            table: Some(c.table.to_wire()),
+            source_rows: c.source_rows,
+            target_rows: c.target_rows,
+            source_digest: c.source_digest.clone(),
+            target_digest: c.target_digest.clone(),
+        })
+        .collect();
+    reply
+}

@@ -1,0 +1,108 @@
+//! The coordinator's state in sled: one key per job record and one per chunk, so a chunk's
+//! progress rewrites a few hundred bytes, not the whole job (ten thousand chunks per job must
+//! stay cheap).
+//!
+//! Durability: job creation, plans and phase changes are flushed before they are acknowledged.
+//! Chunk completions are not flushed one by one: a completion lost in a crash costs a re-lease
+//! that the receiver answers from the target's ledger ("already applied") without moving rows.
+
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::job::{Chunk, Job, JobRecord};
+
+pub struct Store {
+    db: sled::Db,
+    jobs: sled::Tree,
+    chunks: sled::Tree,
+}
+
+fn chunk_key(job: &str, id: u64) -> Vec<u8> {
+    let mut k = job.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn chunk_prefix(job: &str) -> Vec<u8> {
+    let mut k = job.as_bytes().to_vec();
+    k.push(0);
+    k
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create state directory {}", dir.display()))?;
+        let path = dir.join("coordinator.sled");
+        let db = sled::open(&path).with_context(|| {
+            format!(
+                "open coordinator state {} (is another coordinator using this --state directory?)",
+                path.display()
+            )
+        })?;
+        let jobs = db.open_tree("jobs").context("open sled tree jobs")?;
+        let chunks = db.open_tree("chunks").context("open sled tree chunks")?;
+        Ok(Store { db, jobs, chunks })
+    }
+
+    pub fn next_job_number(&self) -> anyhow::Result<u64> {
+        self.db.generate_id().context("generate job id")
+    }
+
+    pub fn put_record(&self, r: &JobRecord) -> anyhow::Result<()> {
+        let v = serde_json::to_vec(r).context("encode job record")?;
+        self.jobs
+            .insert(r.id.as_bytes(), v)
+            .context("write job record")?;
+        Ok(())
+    }
+
+    pub fn put_chunk(&self, job: &str, c: &Chunk) -> anyhow::Result<()> {
+        let v = serde_json::to_vec(c).context("encode chunk")?;
+        self.chunks
+            .insert(chunk_key(job, c.id), v)
+            .context("write chunk")?;
+        Ok(())
+    }
+
+    pub fn put_chunks(&self, job: &str, cs: &[Chunk]) -> anyhow::Result<()> {
+        let mut batch = sled::Batch::default();
+        for c in cs {
+            batch.insert(
+                chunk_key(job, c.id),
+                serde_json::to_vec(c).context("encode chunk")?,
+            );
+        }
+        self.chunks.apply_batch(batch).context("write chunks")
+    }
+
+    pub async fn flush(&self) -> anyhow::Result<()> {
+        self.db
+            .flush_async()
+            .await
+            .context("flush coordinator state")?;
+        Ok(())
+    }
+
+    /// Every job with its chunks, in lease order.
+    pub fn load(&self) -> anyhow::Result<Vec<Job>> {
+        let mut out = Vec::new();
+        for kv in self.jobs.iter() {
+            let (_, v) = kv.context("read job record")?;
+            let record: JobRecord =
+                serde_json::from_slice(&v).context("decode job record (state corrupt?)")?;
+            let mut chunks = Vec::new();
+            for kv in self.chunks.scan_prefix(chunk_prefix(&record.id)) {
+                let (_, v) = kv.context("read chunk")?;
+                chunks.push(
+                    serde_json::from_slice::<Chunk>(&v).context("decode chunk (state corrupt?)")?,
+                );
+            }
+            chunks.sort_by(|a, b| b.est_bytes.cmp(&a.est_bytes).then(a.id.cmp(&b.id)));
+            out.push(Job { record, chunks });
+        }
+        Ok(out)
+    }
+}

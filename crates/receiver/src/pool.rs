@@ -1,0 +1,79 @@
+//! A small pool of target connections. Why a pool: every chunk restore is one transaction, and
+//! connecting (TLS, auth, session setup) per chunk would dominate small chunks; why a semaphore:
+//! the target must never see more restore sessions than the operator allowed.
+
+use std::sync::{Arc, Mutex};
+
+use haul_core::pg::DbUrl;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::Client;
+
+pub struct Pool {
+    url: DbUrl,
+    idle: Arc<Mutex<Vec<Client>>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A connection on loan; goes back to the pool on drop unless it is closed.
+pub struct Pooled {
+    client: Option<Client>,
+    idle: Arc<Mutex<Vec<Client>>>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Pooled {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        self.client
+            .as_ref()
+            .expect("pooled client present until drop")
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if !c.is_closed() {
+                if let Ok(mut idle) = self.idle.lock() {
+                    idle.push(c);
+                }
+            }
+        }
+    }
+}
+
+impl Pooled {
+    /// Throw the connection away instead of returning it (its session state is unknown).
+    pub fn discard(mut self) {
+        self.client.take();
+    }
+}
+
+impl Pool {
+    pub fn new(url: DbUrl, size: usize) -> Pool {
+        Pool {
+            url,
+            idle: Arc::new(Mutex::new(Vec::new())),
+            permits: Arc::new(Semaphore::new(size.max(1))),
+        }
+    }
+
+    pub async fn get(&self) -> anyhow::Result<Pooled> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| anyhow::anyhow!("target connection pool closed"))?;
+        let reused = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let client = match reused {
+            Some(c) if !c.is_closed() => c,
+            _ => self.url.connect("haul-receiver").await?,
+        };
+        Ok(Pooled {
+            client: Some(client),
+            idle: self.idle.clone(),
+            _permit: permit,
+        })
+    }
+}

@@ -1,0 +1,243 @@
+//! Reading the source catalog inside the job's snapshot: which tables hold rows, their columns,
+//! sizes and split keys; sequences; materialized views; and whether the server's lock table is
+//! big enough for a schema dump.
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use haul_core::chunk::{pieces, quantiles, Column, TableMeasure};
+use haul_core::ident::{matches_pattern, TableName};
+use haul_core::status::fatal;
+use tokio_postgres::Client;
+
+/// Schemas that are never moved.
+const SKIP_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'haul') \
+     AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
+
+/// Tables belonging to an extension are recreated by the extension, not copied.
+const NOT_EXTENSION: &str =
+    "NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+     AND d.objid = c.oid AND d.deptype = 'e')";
+
+/// Every table that holds rows of its own (plain, unlogged, leaf partitions, inheritance parents
+/// and children), measured. Partitioned parents hold no rows and are not listed.
+pub async fn measure_tables(
+    client: &Client,
+    patterns: &[String],
+    chunk_bytes: u64,
+) -> anyhow::Result<Vec<TableMeasure>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relpages::int8, c.reltuples::float8, \
+                        pg_relation_size(c.oid)::int8 + coalesce(pg_total_relation_size(NULLIF(c.reltoastrelid, 0)), 0)::int8 \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {SKIP_SCHEMAS} AND {NOT_EXTENSION} \
+                 ORDER BY n.nspname, c.relname"
+            ),
+            &[],
+        )
+        .await
+        .context("list source tables")?;
+    let mut tables = Vec::new();
+    let mut by_oid = HashMap::new();
+    for r in rows {
+        let table = TableName::new(r.get::<_, String>(1), r.get::<_, String>(2));
+        if !patterns.is_empty() && !patterns.iter().any(|p| matches_pattern(p, &table)) {
+            continue;
+        }
+        let bytes: i64 = r.get(5);
+        let block = 8192i64;
+        by_oid.insert(r.get::<_, i64>(0), tables.len());
+        tables.push(TableMeasure {
+            table,
+            columns: Vec::new(),
+            bytes: bytes.max(0) as u64,
+            est_rows: r.get::<_, f64>(4).max(0.0) as i64,
+            split_key: None,
+            key_cuts: Vec::new(),
+            pages: (bytes / block).max(r.get::<_, i64>(3)),
+        });
+    }
+    if !patterns.is_empty() && tables.is_empty() {
+        return Err(fatal(format!(
+            "no source table matches --tables {}; list tables with psql's \\dt and fix the pattern",
+            patterns.join(",")
+        )));
+    }
+
+    // Columns: generated columns are computed by the target, so they are not copied.
+    let cols = client
+        .query(
+            &format!(
+                "SELECT c.oid::int8, a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {SKIP_SCHEMAS} \
+                   AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 ORDER BY c.oid, a.attnum"
+            ),
+            &[],
+        )
+        .await
+        .context("list source columns")?;
+    for r in cols {
+        if let Some(&i) = by_oid.get(&r.get::<_, i64>(0)) {
+            tables[i].columns.push(Column {
+                name: r.get(1),
+                type_name: r.get(2),
+            });
+        }
+    }
+
+    // Single-column integer primary keys: the split key for big tables.
+    let keys = client
+        .query(
+            "SELECT i.indrelid::int8, a.attname::text FROM pg_index i \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+             WHERE i.indisprimary AND i.indnatts = 1 \
+               AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)",
+            &[],
+        )
+        .await
+        .context("list source primary keys")?;
+    for r in keys {
+        if let Some(&i) = by_oid.get(&r.get::<_, i64>(0)) {
+            tables[i].split_key = Some(r.get(1));
+        }
+    }
+
+    for t in &mut tables {
+        let n = pieces(t.bytes, chunk_bytes);
+        if n > 1 {
+            if let Some(key) = t.split_key.clone() {
+                t.key_cuts = key_cuts(client, t, &key, n).await?;
+            }
+        }
+    }
+    Ok(tables)
+}
+
+/// Cut points that split `t` into `n` ranges of about equal row count, from a sample of the
+/// key's real distribution (so skewed and sparse keys still split evenly).
+async fn key_cuts(
+    client: &Client,
+    t: &TableMeasure,
+    key: &str,
+    n: u64,
+) -> anyhow::Result<Vec<i64>> {
+    let col = haul_core::ident::quote_ident(key);
+    // Aim for ~100k sampled rows; SYSTEM sampling reads whole pages, so it is cheap.
+    let pct = if t.est_rows > 0 {
+        (100_000.0 / t.est_rows as f64 * 100.0).clamp(0.5, 100.0)
+    } else {
+        100.0
+    };
+    let q = quantiles(n);
+    let sql = format!(
+        "SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY {col}::int8) \
+         FROM ONLY {} TABLESAMPLE SYSTEM ({pct}) REPEATABLE (7)",
+        t.table.quoted()
+    );
+    let row = client
+        .query_one(&sql, &[&q])
+        .await
+        .with_context(|| format!("sample key {key} of {}", t.table))?;
+    let cuts: Option<Vec<Option<i64>>> = row.get(0);
+    let mut cuts: Vec<i64> = cuts.unwrap_or_default().into_iter().flatten().collect();
+    if cuts.is_empty() {
+        // The sample came back empty (tiny sample of a sparse table): cut min..max evenly.
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT min({col})::int8, max({col})::int8 FROM ONLY {}",
+                    t.table.quoted()
+                ),
+                &[],
+            )
+            .await
+            .with_context(|| format!("read key bounds of {}", t.table))?;
+        if let (Some(lo), Some(hi)) = (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
+            let span = (hi as i128 - lo as i128).max(1);
+            cuts = q
+                .iter()
+                .map(|f| (lo as i128 + (span as f64 * f) as i128) as i64)
+                .collect();
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    Ok(cuts)
+}
+
+/// How many tables a schema dump will lock, and whether the lock table can take it. pg_dump
+/// locks every table in one transaction; a lock table that is too small fails it halfway with
+/// "out of shared memory", so we say so before starting.
+pub async fn check_lock_capacity(client: &Client) -> anyhow::Result<()> {
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE c.relkind IN ('r', 'p', 'f', 'm', 'v', 'S') AND {SKIP_SCHEMAS})::int8, \
+                        current_setting('max_locks_per_transaction')::int8, \
+                        current_setting('max_connections')::int8, \
+                        current_setting('max_prepared_transactions')::int8"
+            ),
+            &[],
+        )
+        .await
+        .context("read lock settings of source")?;
+    let (relations, per_tx, conns, prepared): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let capacity = per_tx * (conns + prepared);
+    // Headroom for the server's other sessions and for our own.
+    let needed = relations + 256;
+    if needed > capacity {
+        let want = (needed + conns + prepared - 1) / (conns + prepared).max(1);
+        return Err(fatal(format!(
+            "the source has {relations} relations but its lock table holds about {capacity} locks \
+             (max_locks_per_transaction={per_tx} x (max_connections={conns} + max_prepared_transactions={prepared})); \
+             the schema dump locks every table at once, so set max_locks_per_transaction to at least {want} \
+             on the source and restart it"
+        )));
+    }
+    Ok(())
+}
+
+/// Every sequence's current value.
+pub async fn sequences(client: &Client) -> anyhow::Result<Vec<haul_proto::SequenceValue>> {
+    let rows = client
+        .query(
+            "SELECT s.schemaname::text, s.sequencename::text, coalesce(s.last_value, s.start_value)::int8, \
+                    s.last_value IS NOT NULL \
+             FROM pg_sequences s WHERE s.schemaname NOT IN ('haul', 'pg_catalog', 'information_schema') \
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .context("read source sequences")?;
+    Ok(rows
+        .iter()
+        .map(|r| haul_proto::SequenceValue {
+            schema: r.get(0),
+            name: r.get(1),
+            last_value: r.get(2),
+            is_called: r.get(3),
+        })
+        .collect())
+}
+
+/// Materialized views that are populated on the source, to be refreshed on the target.
+pub async fn populated_matviews(client: &Client) -> anyhow::Result<Vec<TableName>> {
+    let rows = client
+        .query(
+            "SELECT schemaname::text, matviewname::text FROM pg_matviews \
+             WHERE ispopulated AND schemaname NOT IN ('haul') ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .context("list source materialized views")?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}

@@ -1,0 +1,111 @@
+//! The plan task: open the job's snapshot, measure the catalog, put the schema on the target,
+//! and report the measurements to the coordinator, which turns them into chunks.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use haul_core::status::from_status;
+use haul_proto as pb;
+
+use crate::catalog;
+use crate::dump::{self, SchemaUpload};
+use crate::snapshot::SnapshotHolder;
+use crate::worker::Shared;
+
+pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()> {
+    let options = task.options.clone().unwrap_or_default();
+    let job_id = task.job_id.clone();
+    tracing::info!(job = %job_id, "planning");
+
+    let holder = SnapshotHolder::open(&shared.config.source, &job_id).await?;
+    let snapshot_id = holder.snapshot_id.clone();
+    if options.create_schema {
+        catalog::check_lock_capacity(&holder.client).await?;
+    }
+    let tables =
+        catalog::measure_tables(&holder.client, &options.tables, options.chunk_bytes).await?;
+
+    let only: Vec<String> = if options.tables.is_empty() {
+        vec![]
+    } else {
+        with_partition_ancestors(&holder.client, &tables).await?
+    };
+    // Keep the snapshot alive for the chunk readers and the finalize step.
+    shared.hold_snapshot(&job_id, holder).await;
+
+    let upload = SchemaUpload {
+        job_id: &job_id,
+        source: &shared.config.source,
+        snapshot_id: &snapshot_id,
+        receiver_addr: &task.receiver_addr,
+        tables: tables.iter().map(|t| t.table.to_wire()).collect(),
+        create_schema: options.create_schema,
+        only,
+    };
+    let objects = dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPre).await?;
+    tracing::info!(job = %job_id, objects, "pre-data on target");
+    if options.create_schema {
+        dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPost).await?;
+    }
+
+    let report = pb::PlanReport {
+        job_id: job_id.clone(),
+        snapshot_id,
+        schema_bytes: 0,
+        tables: tables
+            .into_iter()
+            .map(|t| pb::PlannedTable {
+                table: Some(t.table.to_wire()),
+                columns: t.columns.iter().map(|c| c.to_wire()).collect(),
+                bytes: t.bytes,
+                est_rows: t.est_rows,
+                split_key: t.split_key.unwrap_or_default(),
+                key_cuts: t.key_cuts,
+                pages: t.pages,
+            })
+            .collect(),
+    };
+    shared
+        .peers
+        .coordinator()
+        .report_plan(report)
+        .await
+        .map_err(|s| from_status(s, "coordinator refused the plan"))?;
+    Ok(())
+}
+
+/// pg_dump `--table` patterns for the chosen tables plus their partition ancestors (a leaf
+/// partition cannot be created without its parent).
+async fn with_partition_ancestors(
+    client: &tokio_postgres::Client,
+    tables: &[haul_core::chunk::TableMeasure],
+) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = Vec::new();
+    for t in tables {
+        names.push(format!(
+            "{}.{}",
+            dump_pattern(&t.table.schema),
+            dump_pattern(&t.table.name)
+        ));
+        let rows = client
+            .query(
+                "SELECT n.nspname::text, c.relname::text FROM pg_partition_ancestors($1::text::regclass) a \
+                 JOIN pg_class c ON c.oid = a.relid JOIN pg_namespace n ON n.oid = c.relnamespace",
+                &[&t.table.quoted()],
+            )
+            .await
+            .with_context(|| format!("read partition ancestors of {}", t.table))?;
+        for r in rows {
+            let (s, n): (String, String) = (r.get(0), r.get(1));
+            names.push(format!("{}.{}", dump_pattern(&s), dump_pattern(&n)));
+        }
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// Quote a name for pg_dump's pattern syntax: inside double quotes only `"` is special.
+fn dump_pattern(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

@@ -1,0 +1,73 @@
+//! The job's snapshot. One connection per job opens a REPEATABLE READ transaction and exports
+//! its snapshot; every chunk connection imports it, so the whole job reads the database as of
+//! one instant. The exporting transaction must stay open for as long as anyone imports it,
+//! so [`SnapshotHolder`] lives until the job is finalized.
+//!
+//! Chunk connections run each COPY inside a savepoint that is rolled back afterwards: locks
+//! taken in a subtransaction are released on rollback, so a connection that copies ten
+//! thousand tables never holds ten thousand locks.
+
+use anyhow::Context;
+use haul_core::pg::DbUrl;
+use tokio_postgres::Client;
+
+/// The connection whose open transaction keeps the job's snapshot alive.
+pub struct SnapshotHolder {
+    pub client: Client,
+    pub snapshot_id: String,
+}
+
+impl SnapshotHolder {
+    pub async fn open(source: &DbUrl, job_id: &str) -> anyhow::Result<SnapshotHolder> {
+        let client = source.connect(&format!("haul-snapshot-{job_id}")).await?;
+        client
+            .batch_execute(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL row_security = off",
+            )
+            .await
+            .context("begin snapshot transaction on source")?;
+        let row = client
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .context("export snapshot on source")?;
+        Ok(SnapshotHolder {
+            client,
+            snapshot_id: row.get(0),
+        })
+    }
+}
+
+/// A chunk-reading connection inside the job's snapshot.
+pub struct SnapshotReader {
+    pub client: Client,
+    pub job_id: String,
+    pub snapshot_id: String,
+}
+
+impl SnapshotReader {
+    pub async fn open(
+        source: &DbUrl,
+        job_id: &str,
+        snapshot_id: &str,
+    ) -> anyhow::Result<SnapshotReader> {
+        let client = source.connect(&format!("haul-reader-{job_id}")).await?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
+                 SET LOCAL row_security = off",
+                haul_core::ident::quote_literal(snapshot_id)
+            ))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "import snapshot {snapshot_id} on source: {} (the sender holding it may have stopped)",
+                    haul_core::pg::db_error_line(&e)
+                )
+            })?;
+        Ok(SnapshotReader {
+            client,
+            job_id: job_id.to_string(),
+            snapshot_id: snapshot_id.to_string(),
+        })
+    }
+}

@@ -1,0 +1,253 @@
+//! The sender's workers: each asks the coordinator for a task, does it, reports, and asks
+//! again. Workers share one set of peer connections and the snapshots this sender holds.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use haul_core::bandwidth::Limiter;
+use haul_core::status::fatal_message;
+use haul_proto as pb;
+use tokio::sync::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+
+use crate::peers::Peers;
+use crate::snapshot::{SnapshotHolder, SnapshotReader};
+use crate::{finalize, plan, transfer, SenderConfig};
+
+/// Counters for logs and benchmarks.
+#[derive(Default)]
+pub struct SenderStats {
+    pub raw_bytes: AtomicU64,
+    pub wire_bytes: AtomicU64,
+}
+
+impl SenderStats {
+    pub fn add_bytes(&self, raw: u64, wire: u64) {
+        self.raw_bytes.fetch_add(raw, Ordering::Relaxed);
+        self.wire_bytes.fetch_add(wire, Ordering::Relaxed);
+    }
+}
+
+pub struct Shared {
+    pub config: SenderConfig,
+    pub peers: Peers,
+    pub stats: SenderStats,
+    /// One cap for all of this sender's streams, from the job's options.
+    limiter_rate: AtomicU64,
+    limiter_slot: RwLock<Option<Arc<Limiter>>>,
+    /// Snapshots this sender exported, by job. Held until the job is finalized.
+    snapshots: Mutex<HashMap<String, Arc<SnapshotHolder>>>,
+    agent_id: RwLock<String>,
+}
+
+impl Shared {
+    pub fn new(config: SenderConfig) -> anyhow::Result<Shared> {
+        let peers = Peers::new(config.tls.clone(), &config.coordinator)?;
+        Ok(Shared {
+            config,
+            peers,
+            stats: SenderStats::default(),
+            limiter_rate: AtomicU64::new(0),
+            limiter_slot: RwLock::new(None),
+            snapshots: Mutex::new(HashMap::new()),
+            agent_id: RwLock::new(String::new()),
+        })
+    }
+
+    pub async fn hold_snapshot(&self, job_id: &str, holder: SnapshotHolder) {
+        self.snapshots
+            .lock()
+            .await
+            .insert(job_id.to_string(), Arc::new(holder));
+    }
+
+    pub async fn snapshot(&self, job_id: &str) -> Option<Arc<SnapshotHolder>> {
+        self.snapshots.lock().await.get(job_id).cloned()
+    }
+
+    pub async fn release_snapshot(&self, job_id: &str) {
+        self.snapshots.lock().await.remove(job_id);
+    }
+
+    /// The limiter for a job's bandwidth cap, shared by every worker of this sender.
+    pub async fn limiter_for(&self, bytes_per_sec: u64) -> Arc<Limiter> {
+        if self.limiter_rate.load(Ordering::Relaxed) == bytes_per_sec {
+            if let Some(l) = self.limiter_slot.read().await.clone() {
+                return l;
+            }
+        }
+        let mut slot = self.limiter_slot.write().await;
+        let l = Arc::new(Limiter::new(bytes_per_sec));
+        *slot = Some(l.clone());
+        self.limiter_rate.store(bytes_per_sec, Ordering::Relaxed);
+        l
+    }
+
+    async fn register(&self, shutdown: &CancellationToken) -> Option<String> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let req = pb::RegisterRequest {
+                name: self.config.name.clone(),
+                advertise: String::new(),
+                slots: self.config.slots as u32,
+            };
+            match self.peers.coordinator().register(req).await {
+                Ok(r) => {
+                    let id = r.into_inner().agent_id;
+                    *self.agent_id.write().await = id.clone();
+                    tracing::info!(agent = %id, "registered with coordinator");
+                    return Some(id);
+                }
+                Err(s) => {
+                    tracing::warn!(
+                        "failed to register with coordinator {}: {}",
+                        self.config.coordinator,
+                        s.message()
+                    );
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if shared.register(&shutdown).await.is_none() {
+        return Ok(());
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..shared.config.slots.max(1) {
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { work(shared, worker as u32, shutdown).await });
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            shutdown.cancel();
+            anyhow::bail!("sender worker ended unexpectedly: {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
+    let mut reader: Option<SnapshotReader> = None;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let agent_id = shared.agent_id.read().await.clone();
+        let mut coordinator = shared.peers.coordinator();
+        let poll = coordinator.sender_poll(pb::SenderPollRequest { agent_id, worker });
+        let task = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = poll => r,
+        };
+        let task = match task {
+            Ok(t) => {
+                backoff = Duration::from_millis(100);
+                t.into_inner().task
+            }
+            Err(s) => {
+                if s.code() == tonic::Code::NotFound {
+                    // The coordinator forgot us (restarted without state): register again.
+                    if shared.register(&shutdown).await.is_none() {
+                        return;
+                    }
+                } else {
+                    tracing::warn!("failed to poll coordinator: {}", s.message());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                continue;
+            }
+        };
+        match task {
+            None | Some(pb::sender_task::Task::Idle(_)) => {
+                let wait = match &task {
+                    Some(pb::sender_task::Task::Idle(i)) => i.retry_ms.max(10),
+                    _ => 200,
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                }
+            }
+            Some(pb::sender_task::Task::Plan(p)) => {
+                let job = p.job_id.clone();
+                if let Err(e) = plan::run(&shared, p).await {
+                    shared.release_snapshot(&job).await;
+                    report_failure(&shared, &job, 0, 0, e).await;
+                }
+            }
+            Some(pb::sender_task::Task::Chunk(lease)) => {
+                let limiter = shared
+                    .limiter_for(lease.options.as_ref().map_or(0, |o| o.bwlimit_bytes))
+                    .await;
+                let result = transfer::run(&shared, &mut reader, &lease, &limiter).await;
+                match result {
+                    Ok(out) => {
+                        let report = pb::ChunkReport {
+                            job_id: lease.job_id.clone(),
+                            chunk_id: lease.chunk_id,
+                            epoch: lease.epoch,
+                            rows: out.rows,
+                            raw_bytes: out.raw_bytes,
+                            wire_bytes: out.wire_bytes,
+                            digest: out.digest,
+                            already_applied: out.already_applied,
+                        };
+                        if let Err(s) = shared.peers.coordinator().report_chunk(report).await {
+                            tracing::warn!(
+                                chunk = lease.chunk_id,
+                                "failed to report chunk: {}",
+                                s.message()
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        // The reader's transaction may be unusable now; open a fresh one next time.
+                        reader = None;
+                        report_failure(&shared, &lease.job_id, lease.chunk_id, lease.epoch, e)
+                            .await;
+                    }
+                }
+            }
+            Some(pb::sender_task::Task::Finalize(f)) => {
+                let job = f.job_id.clone();
+                if let Err(e) = finalize::run(&shared, f).await {
+                    report_failure(&shared, &job, 0, 0, e).await;
+                }
+            }
+        }
+    }
+}
+
+async fn report_failure(
+    shared: &Shared,
+    job_id: &str,
+    chunk_id: u64,
+    epoch: u64,
+    e: anyhow::Error,
+) {
+    let fatal = fatal_message(&e);
+    let message = fatal.clone().unwrap_or_else(|| format!("{e:#}"));
+    tracing::warn!(job = %job_id, chunk = chunk_id, "failed to {}", message);
+    let report = pb::FailureReport {
+        job_id: job_id.to_string(),
+        chunk_id,
+        epoch,
+        message,
+        fatal: fatal.is_some(),
+    };
+    if let Err(s) = shared.peers.coordinator().report_failure(report).await {
+        tracing::warn!("failed to report failure to coordinator: {}", s.message());
+    }
+}

@@ -1,0 +1,235 @@
+//! The command line. Every flag of the agent and operator commands can also come from a TOML
+//! file given with `--config`: top-level keys apply to every command, a table named after the
+//! command (`[sender]`, `[start]`, ...) to that command only; a flag on the command line wins.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "haul",
+    version,
+    about = "Move PostgreSQL databases between datacenters: compressed, verified, resumable, over mTLS gRPC",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// A TOML file with defaults for any flag (see README).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log filter, e.g. info, debug, haul_sender=debug (also RUST_LOG).
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Make or extend the certificate authority every agent trusts.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run the coordinator: plans jobs, leases chunks, tracks progress.
+    Coordinator(CoordinatorArgs),
+    /// Run a receiver beside the target database.
+    Receiver(ReceiverArgs),
+    /// Run a sender beside the source database.
+    Sender(SenderArgs),
+    /// Start a move on a running coordinator.
+    Start(StartArgs),
+    /// Show a job's progress and result.
+    Status(StatusArgs),
+    /// Move a database on one host: all three roles in this process, still over mTLS on loopback.
+    Copy(CopyArgs),
+    /// Throwaway clusters, sample data, a whole move across three processes, verified.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create a CA and one certificate per role (coordinator, sender, receiver, operator).
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A DNS name or IP the servers are reached by (repeatable). Default: localhost, loopback and this host's name.
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        /// Certificate validity in days.
+        #[arg(long, default_value_t = haul_certs::DEFAULT_DAYS)]
+        days: u32,
+        /// Replace an existing CA (every agent must get new certificates).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more agent certificate from the CA in DIR (written to DIR/NAME.pem and DIR/NAME.key).
+    Issue {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// coordinator, sender, receiver or operator.
+        #[arg(long)]
+        role: String,
+        /// The agent's name; pass it to the agent as --name.
+        #[arg(long)]
+        name: String,
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        #[arg(long, default_value_t = haul_certs::DEFAULT_DAYS)]
+        days: u32,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub struct CoordinatorArgs {
+    /// Address to listen on, e.g. 0.0.0.0:7400.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory for the coordinator's sled state.
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Directory with ca.pem and this agent's certificate.
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Reserved for the web dashboard (not served yet).
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<String>,
+    /// A chunk lease not reported within this long goes to another sender, e.g. 30m.
+    #[arg(long, value_name = "DURATION")]
+    pub lease_timeout: Option<String>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct ReceiverArgs {
+    #[arg(long, value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    /// Address to listen on for senders.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address senders dial, if not the listen address (NAT, 0.0.0.0).
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
+    /// Target database URL, postgres://USER:PASSWORD@HOST:PORT/DB.
+    #[arg(long, value_name = "URL", env = "HAUL_TARGET")]
+    pub target: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Directory where arriving chunks are spooled before restore.
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Agent name; its certificate is CERTS/NAME.pem if that exists, else CERTS/receiver.pem.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Chunks restored at once (target connections).
+    #[arg(long)]
+    pub slots: Option<usize>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct SenderArgs {
+    #[arg(long, value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    /// Source database URL, postgres://USER:PASSWORD@HOST:PORT/DB.
+    #[arg(long, value_name = "URL", env = "HAUL_SOURCE")]
+    pub source: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Agent name; its certificate is CERTS/NAME.pem if that exists, else CERTS/sender.pem.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Chunks read at once (source connections).
+    #[arg(long)]
+    pub slots: Option<usize>,
+}
+
+/// What to move and how: shared by `start` and `copy`.
+#[derive(Args, Debug, Default, Clone)]
+pub struct JobArgs {
+    /// Chunks in flight per sender.
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// auto, zstd, zstd:LEVEL, lz4 or none.
+    #[arg(long)]
+    pub codec: Option<String>,
+    /// Cap on wire bytes per second per sender, e.g. 50MB, 400Mbit; 0 = none.
+    #[arg(long, value_name = "RATE")]
+    pub bwlimit: Option<String>,
+    /// Only these tables: comma-separated globs on schema.table or table.
+    #[arg(long, value_name = "PATTERN")]
+    pub tables: Option<String>,
+    /// Split tables larger than this into chunks, e.g. 256MB.
+    #[arg(long, value_name = "SIZE")]
+    pub chunk_size: Option<String>,
+    /// The target already has the schema: load rows only (tables must exist and be empty).
+    #[arg(long)]
+    pub no_schema: bool,
+    /// Skip the final row-count and digest comparison.
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct StartArgs {
+    #[arg(long, value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Follow progress until the job ends.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct StatusArgs {
+    #[arg(long, value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Job id; default the latest.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Follow progress until the job ends.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct CopyArgs {
+    #[arg(long, value_name = "URL", env = "HAUL_SOURCE")]
+    pub source: Option<String>,
+    #[arg(long, value_name = "URL", env = "HAUL_TARGET")]
+    pub target: Option<String>,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Keep state, spool and certificates here instead of a temporary directory.
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct DemoArgs {
+    /// Rows in the demo's big table (it is split into chunks).
+    #[arg(long, default_value_t = 400_000)]
+    pub rows: u64,
+    /// Leave the clusters and files in place and print where they are.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,145 @@
+//! `haul`: one binary for every role. `main` folds the config file into the arguments, parses,
+//! installs tracing, runs the command, and maps the result to an exit code with one clear line
+//! on failure.
+
+mod agents;
+mod cli;
+mod config;
+mod copy;
+mod demo;
+mod operator;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{CertsCommand, Cli, Command};
+
+fn main() -> ExitCode {
+    let args = match config::expand(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("haul: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
+    let default_level = match &cli.command {
+        Command::Demo(_)
+        | Command::Copy(_)
+        | Command::Start(_)
+        | Command::Status(_)
+        | Command::Certs(_) => "warn",
+        _ => "info",
+    };
+    let filter = cli
+        .log
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| default_level.to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("haul: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("haul: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The operator-facing line for an error: a fatal (bad input) message as is, else the chain.
+pub fn one_line(e: &anyhow::Error) -> String {
+    haul_core::status::fatal_message(e).unwrap_or_else(|| format!("{e:#}").replace('\n', " "))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(watch_signals(shutdown.clone()));
+    match cli.command {
+        Command::Certs(CertsCommand::Init {
+            dir,
+            hosts,
+            days,
+            force,
+        }) => {
+            haul_certs::init(&dir, &haul_certs::InitOptions { hosts, days, force })?;
+            println!(
+                "wrote a CA and certificates for coordinator, sender, receiver and operator to {}",
+                dir.display()
+            );
+            println!(
+                "keep {}/ca.key offline; copy ca.pem and each role's .pem/.key to the agents",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Issue {
+            dir,
+            role,
+            name,
+            hosts,
+            days,
+        }) => {
+            let role: haul_certs::Role = role.parse()?;
+            let path = haul_certs::issue(&dir, role, &name, &hosts, days)?;
+            println!(
+                "wrote {} (run the agent with --name {name})",
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Coordinator(a) => agents::coordinator(a, shutdown)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Receiver(a) => agents::receiver(a, shutdown)
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Sender(a) => agents::sender(a, shutdown).await.map(|_| ExitCode::SUCCESS),
+        Command::Start(a) => operator::start(a).await,
+        Command::Status(a) => operator::status(a).await,
+        Command::Copy(a) => copy::run(a, shutdown).await,
+        Command::Demo(a) => demo::run(a, shutdown).await,
+    }
+}
+
+/// Ctrl-C or SIGTERM: cancel the root token; every task drains and `run` returns.
+async fn watch_signals(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    shutdown.cancel();
+}

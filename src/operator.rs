@@ -1,0 +1,316 @@
+//! Operator commands: start a job and follow it. Progress goes to stderr (a live line on a
+//! terminal, a line every few seconds otherwise); the summary goes to stdout.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use haul_certs::Role;
+use haul_core::bandwidth::{parse_rate, parse_size};
+use haul_core::codec::CodecChoice;
+use haul_core::status::fatal;
+use haul_proto as pb;
+use haul_proto::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+use crate::agents::{load_tls, parse_dial, required};
+use crate::cli::{JobArgs, StartArgs, StatusArgs};
+
+pub const DEFAULT_CHUNK: &str = "256MB";
+
+pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
+    let codec: CodecChoice = a
+        .codec
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()
+        .map_err(|e: anyhow::Error| fatal(format!("--codec: {e}")))?;
+    let (codec, level) = codec.resolve().to_wire();
+    let bw = match &a.bwlimit {
+        Some(s) => parse_rate(s).map_err(|e| fatal(format!("--bwlimit: {e}")))?,
+        None => 0,
+    };
+    let chunk = parse_size(a.chunk_size.as_deref().unwrap_or(DEFAULT_CHUNK))
+        .map_err(|e| fatal(format!("--chunk-size: {e}")))?;
+    let jobs = a.jobs.unwrap_or(4);
+    if jobs == 0 || jobs > 256 {
+        return Err(fatal(format!(
+            "--jobs {jobs} is out of range; use 1 to 256"
+        )));
+    }
+    let tables: Vec<String> = a
+        .tables
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    Ok(pb::JobOptions {
+        codec: codec as i32,
+        zstd_level: level,
+        chunk_bytes: chunk,
+        bwlimit_bytes: bw,
+        create_schema: !a.no_schema,
+        verify: !a.no_verify,
+        tables,
+        jobs,
+    })
+}
+
+pub async fn client(coordinator: &str, certs: &Path) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let tls = load_tls(certs, Role::Operator, "operator")?;
+    let channel = haul_certs::connect(coordinator, &tls, Role::Coordinator).await?;
+    Ok(CoordinatorClient::new(channel).max_decoding_message_size(64 << 20))
+}
+
+pub async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
+    let coordinator = parse_dial(&required(a.coordinator, "coordinator")?, "coordinator")?;
+    let certs = required(a.certs, "certs")?;
+    let options = job_options(&a.job)?;
+    let mut c = client(&coordinator, &certs).await?;
+    let job_id = c
+        .start_job(pb::StartJobRequest {
+            options: Some(options),
+        })
+        .await
+        .map_err(|s| fatal(format!("coordinator refused the job: {}", s.message())))?
+        .into_inner()
+        .job_id;
+    println!("started {job_id}");
+    if !a.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let end = follow(&mut c, &job_id).await?;
+    print_summary(&end);
+    Ok(exit_code(&end))
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let coordinator = parse_dial(&required(a.coordinator, "coordinator")?, "coordinator")?;
+    let certs = required(a.certs, "certs")?;
+    let mut c = client(&coordinator, &certs).await?;
+    let job_id = a.job.unwrap_or_default();
+    let s = if a.wait {
+        let id = fetch(&mut c, &job_id).await?.job_id;
+        follow(&mut c, &id).await?
+    } else {
+        fetch(&mut c, &job_id).await?
+    };
+    if a.json {
+        println!("{}", to_json(&s));
+    } else {
+        print_summary(&s);
+    }
+    Ok(if s.phase == "done" || (!a.wait && s.phase != "failed") {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn fetch(
+    c: &mut CoordinatorClient<Channel>,
+    job_id: &str,
+) -> anyhow::Result<pb::JobStatusReply> {
+    c.job_status(pb::JobStatusRequest {
+        job_id: job_id.to_string(),
+    })
+    .await
+    .map(|r| r.into_inner())
+    .map_err(|s| fatal(format!("status: {}", s.message())))
+}
+
+/// Poll until the job is over, showing progress on stderr.
+pub async fn follow(
+    c: &mut CoordinatorClient<Channel>,
+    job_id: &str,
+) -> anyhow::Result<pb::JobStatusReply> {
+    let tty = std::io::stderr().is_terminal();
+    let mut last_print = std::time::Instant::now() - Duration::from_secs(60);
+    let mut failures = 0;
+    loop {
+        let s = match fetch(c, job_id).await {
+            Ok(s) => {
+                failures = 0;
+                s
+            }
+            Err(e) if failures < 30 => {
+                failures += 1;
+                tracing::debug!("status poll failed: {e:#}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let over = s.phase == "done" || s.phase == "failed";
+        if tty {
+            eprint!("\r\x1b[2K{}", progress_line(&s));
+            if over {
+                eprintln!();
+            }
+        } else if over || last_print.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{}", progress_line(&s));
+            last_print = std::time::Instant::now();
+        }
+        if over {
+            return Ok(s);
+        }
+        tokio::time::sleep(Duration::from_millis(if tty { 300 } else { 1000 })).await;
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u < UNITS.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Fraction of the planned bytes whose chunks are done (chunk estimates are even within a table).
+fn done_fraction(s: &pb::JobStatusReply) -> f64 {
+    let total: u64 = s.table_progress.iter().map(|t| t.bytes).sum();
+    if total == 0 {
+        return if s.chunks > 0 {
+            s.chunks_done as f64 / s.chunks as f64
+        } else {
+            0.0
+        };
+    }
+    let done: f64 = s
+        .table_progress
+        .iter()
+        .filter(|t| t.chunks > 0)
+        .map(|t| t.bytes as f64 * t.chunks_done as f64 / t.chunks as f64)
+        .sum();
+    done / total as f64
+}
+
+pub fn progress_line(s: &pb::JobStatusReply) -> String {
+    let frac = done_fraction(s);
+    let rate = if s.elapsed_secs > 0.0 {
+        s.raw_bytes_done as f64 / s.elapsed_secs
+    } else {
+        0.0
+    };
+    let eta = if s.phase == "copying" && frac > 0.01 && frac < 1.0 {
+        let left = s.elapsed_secs * (1.0 - frac) / frac;
+        format!(
+            "  ETA {}",
+            humantime::format_duration(Duration::from_secs(left.round() as u64))
+        )
+    } else {
+        String::new()
+    };
+    let mut line = format!(
+        "{} {:<10} {:>5.1}%  chunks {}/{}  rows {}  {} read, {} on the wire  {}/s{}",
+        s.job_id,
+        s.phase,
+        frac * 100.0,
+        s.chunks_done,
+        s.chunks,
+        s.rows_done,
+        human_bytes(s.raw_bytes_done),
+        human_bytes(s.wire_bytes_done),
+        human_bytes(rate as u64),
+        eta
+    );
+    if !s.error.is_empty() && s.phase != "failed" {
+        line.push_str(&format!("  ({})", s.error));
+    }
+    line
+}
+
+pub fn print_summary(s: &pb::JobStatusReply) {
+    println!("job        {}", s.job_id);
+    println!("result     {}", s.phase);
+    if !s.error.is_empty() {
+        println!("error      {}", s.error);
+    }
+    println!("tables     {} ({} chunks)", s.tables, s.chunks);
+    println!("rows       {}", s.rows_done);
+    let ratio = if s.wire_bytes_done > 0 {
+        s.raw_bytes_done as f64 / s.wire_bytes_done as f64
+    } else {
+        0.0
+    };
+    println!(
+        "bytes      {} read, {} on the wire ({ratio:.1}x smaller)",
+        human_bytes(s.raw_bytes_done),
+        human_bytes(s.wire_bytes_done)
+    );
+    println!("time       {:.1} s", s.elapsed_secs);
+    if s.phase == "done" {
+        if s.verified {
+            println!(
+                "verified   {} tables: row counts and digests equal on source and target; {} sequences set",
+                s.tables_checked, s.sequences
+            );
+        } else {
+            println!("verified   no (--no-verify)");
+        }
+    }
+    for m in &s.mismatches {
+        let t = m
+            .table
+            .as_ref()
+            .map(|t| format!("{}.{}", t.schema, t.name))
+            .unwrap_or_default();
+        println!(
+            "MISMATCH   {t}: source {} rows, target {} rows{}",
+            m.source_rows,
+            m.target_rows,
+            if m.source_rows == m.target_rows {
+                " (contents differ)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+pub fn exit_code(s: &pb::JobStatusReply) -> ExitCode {
+    if s.phase == "done" {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub fn to_json(s: &pb::JobStatusReply) -> String {
+    let tables: Vec<serde_json::Value> = s
+        .table_progress
+        .iter()
+        .map(|t| {
+            let name = t.table.as_ref().map(|t| format!("{}.{}", t.schema, t.name)).unwrap_or_default();
+            serde_json::json!({"table": name, "chunks": t.chunks, "chunks_done": t.chunks_done, "bytes": t.bytes, "rows_done": t.rows_done})
+        })
+        .collect();
+    let mismatches: Vec<serde_json::Value> = s
+        .mismatches
+        .iter()
+        .map(|m| {
+            let name = m.table.as_ref().map(|t| format!("{}.{}", t.schema, t.name)).unwrap_or_default();
+            serde_json::json!({"table": name, "source_rows": m.source_rows, "target_rows": m.target_rows})
+        })
+        .collect();
+    serde_json::json!({
+        "job_id": s.job_id, "phase": s.phase, "error": s.error, "tables": s.tables,
+        "chunks": s.chunks, "chunks_done": s.chunks_done, "rows_done": s.rows_done,
+        "raw_bytes_done": s.raw_bytes_done, "wire_bytes_done": s.wire_bytes_done,
+        "planned_bytes": s.planned_bytes, "elapsed_secs": s.elapsed_secs, "verified": s.verified,
+        "tables_checked": s.tables_checked, "sequences": s.sequences, "snapshot_id": s.snapshot_id,
+        "table_progress": tables, "mismatches": mismatches,
+    })
+    .to_string()
+}
