@@ -203,27 +203,56 @@ pub async fn check_lock_capacity(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every sequence's current value.
+/// Every sequence's current value, read from the sequence itself: `pg_sequences` shows NULL
+/// for a sequence whose `is_called` is false, which would lose a `setval(.., false)`.
 pub async fn sequences(client: &Client) -> anyhow::Result<Vec<haul_proto::SequenceValue>> {
     let rows = client
         .query(
-            "SELECT s.schemaname::text, s.sequencename::text, coalesce(s.last_value, s.start_value)::int8, \
-                    s.last_value IS NOT NULL \
-             FROM pg_sequences s WHERE s.schemaname NOT IN ('haul', 'pg_catalog', 'information_schema') \
-             ORDER BY 1, 2",
+            &format!(
+                "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind = 'S' AND {SKIP_SCHEMAS} AND {NOT_EXTENSION} ORDER BY 1, 2"
+            ),
             &[],
         )
         .await
-        .context("read source sequences")?;
-    Ok(rows
+        .context("list source sequences")?;
+    let names: Vec<TableName> = rows
         .iter()
-        .map(|r| haul_proto::SequenceValue {
-            schema: r.get(0),
-            name: r.get(1),
-            last_value: r.get(2),
-            is_called: r.get(3),
-        })
-        .collect())
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    let mut out = Vec::with_capacity(names.len());
+    // One round trip per few hundred sequences rather than one each.
+    for batch in names.chunks(200) {
+        let sql = batch
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                format!(
+                    "SELECT {i}, last_value::int8, is_called FROM {}",
+                    n.quoted()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let rows = client
+            .query(&sql, &[])
+            .await
+            .context("read source sequence values")?;
+        for r in rows {
+            let i: i32 = r.get(0);
+            let Some(name) = batch.get(i as usize) else {
+                continue;
+            };
+            out.push(haul_proto::SequenceValue {
+                schema: name.schema.clone(),
+                name: name.name.clone(),
+                last_value: r.get(1),
+                is_called: r.get(2),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Materialized views that are populated on the source, to be refreshed on the target.
