@@ -94,29 +94,34 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let mut c = client(&coordinator, &certs).await?;
     let job_id = a.job.unwrap_or_default();
     let s = if a.wait {
-        let id = fetch(&mut c, &job_id).await?.job_id;
-        follow(&mut c, &id).await?
+        let id = fetch(&mut c, &job_id, false).await?.job_id;
+        follow(&mut c, &id).await?;
+        fetch(&mut c, &id, a.json).await?
     } else {
-        fetch(&mut c, &job_id).await?
+        fetch(&mut c, &job_id, a.json).await?
     };
     if a.json {
         println!("{}", to_json(&s));
     } else {
         print_summary(&s);
     }
-    Ok(if s.phase == "done" || (!a.wait && s.phase != "failed") {
-        ExitCode::SUCCESS
+    if s.phase == "done" || (!a.wait && s.phase != "failed") {
+        Ok(ExitCode::SUCCESS)
     } else {
-        ExitCode::FAILURE
-    })
+        Ok(exit_code(&s))
+    }
 }
 
+/// One status reply; `detail` adds per-table progress (one entry per table: keep it for
+/// `--json`, not for the progress loop).
 async fn fetch(
     c: &mut CoordinatorClient<Channel>,
     job_id: &str,
+    detail: bool,
 ) -> anyhow::Result<pb::JobStatusReply> {
     c.job_status(pb::JobStatusRequest {
         job_id: job_id.to_string(),
+        detail,
     })
     .await
     .map(|r| r.into_inner())
@@ -132,7 +137,7 @@ pub async fn follow(
     let mut last_print = std::time::Instant::now() - Duration::from_secs(60);
     let mut failures = 0;
     loop {
-        let s = match fetch(c, job_id).await {
+        let s = match fetch(c, job_id, false).await {
             Ok(s) => {
                 failures = 0;
                 s
@@ -177,23 +182,15 @@ pub fn human_bytes(b: u64) -> String {
     }
 }
 
-/// Fraction of the planned bytes whose chunks are done (chunk estimates are even within a table).
+/// Fraction of the planned bytes whose chunks are done.
 fn done_fraction(s: &pb::JobStatusReply) -> f64 {
-    let total: u64 = s.table_progress.iter().map(|t| t.bytes).sum();
-    if total == 0 {
-        return if s.chunks > 0 {
-            s.chunks_done as f64 / s.chunks as f64
-        } else {
-            0.0
-        };
+    if s.est_bytes_total > 0 {
+        s.est_bytes_done as f64 / s.est_bytes_total as f64
+    } else if s.chunks > 0 {
+        s.chunks_done as f64 / s.chunks as f64
+    } else {
+        0.0
     }
-    let done: f64 = s
-        .table_progress
-        .iter()
-        .filter(|t| t.chunks > 0)
-        .map(|t| t.bytes as f64 * t.chunks_done as f64 / t.chunks as f64)
-        .sum();
-    done / total as f64
 }
 
 pub fn progress_line(s: &pb::JobStatusReply) -> String {
@@ -279,10 +276,13 @@ pub fn print_summary(s: &pb::JobStatusReply) {
     }
 }
 
+/// Success only for a finished (and, unless skipped, verified) job; a failed job's reason is
+/// the last line on stderr.
 pub fn exit_code(s: &pb::JobStatusReply) -> ExitCode {
     if s.phase == "done" {
         ExitCode::SUCCESS
     } else {
+        eprintln!("haul: {} failed: {}", s.job_id, s.error.replace('\n', " "));
         ExitCode::FAILURE
     }
 }

@@ -315,3 +315,5 @@ fn run(cmd: &mut Command, stdin: Option<&str>, what: &str) -> anyhow::Result<Str
     );
     String::from_utf8(output.stdout).with_context(|| format!("{what}: decode output as UTF-8"))
 }
+
+pub mod procs;

@@ -97,7 +97,6 @@ pub struct JobRecord {
     pub planner: Option<String>,
     pub receiver_addr: String,
     pub snapshot_id: String,
-    pub tables: Vec<TableInfo>,
     pub started_unix_ms: u64,
     pub finished_unix_ms: u64,
     pub plan_attempts: u32,
@@ -166,11 +165,17 @@ impl Chunk {
     }
 }
 
-/// A job in memory: its record and its chunks in lease order (largest first).
+/// A job in memory: its record, its tables (persisted once, at plan time: they are the bulk of
+/// a job's state and never change) and its chunks in lease order (largest first).
 #[derive(Debug, Clone)]
 pub struct Job {
     pub record: JobRecord,
+    pub tables: Vec<TableInfo>,
     pub chunks: Vec<Chunk>,
+    /// How many chunks are done; kept so progress checks do not scan every chunk.
+    pub done: usize,
+    /// When leases were last checked for expiry (they are checked at most once a second).
+    pub expiry_checked_ms: u64,
 }
 
 impl Job {
@@ -184,7 +189,6 @@ impl Job {
                 planner: None,
                 receiver_addr: String::new(),
                 snapshot_id: String::new(),
-                tables: Vec::new(),
                 started_unix_ms: now_ms(),
                 finished_unix_ms: 0,
                 plan_attempts: 0,
@@ -194,8 +198,20 @@ impl Job {
                 post_data_objects: 0,
                 finalize_leased: false,
             },
+            tables: Vec::new(),
             chunks: Vec::new(),
+            done: 0,
+            expiry_checked_ms: 0,
         }
+    }
+
+    /// Recount done chunks (after loading or replacing the chunk list).
+    pub fn recount(&mut self) {
+        self.done = self
+            .chunks
+            .iter()
+            .filter(|c| matches!(c.state, ChunkState::Done { .. }))
+            .count();
     }
 
     pub fn fail(&mut self, message: impl Into<String>) {
@@ -213,9 +229,15 @@ impl Job {
             .count()
     }
 
-    /// Return leases older than `timeout` to pending. Returns how many expired.
+    /// Return leases older than `timeout` to pending, at most once a second. Returns how many
+    /// expired.
     pub fn expire_leases(&mut self, timeout: Duration) -> usize {
-        let cutoff = now_ms().saturating_sub(timeout.as_millis() as u64);
+        let now = now_ms();
+        if now.saturating_sub(self.expiry_checked_ms) < 1000 {
+            return 0;
+        }
+        self.expiry_checked_ms = now;
+        let cutoff = now.saturating_sub(timeout.as_millis() as u64);
         let mut n = 0;
         for c in &mut self.chunks {
             if matches!(c.state, ChunkState::Leased { since_unix_ms, .. } if since_unix_ms < cutoff)
@@ -228,9 +250,24 @@ impl Job {
     }
 
     pub fn all_done(&self) -> bool {
-        self.chunks
-            .iter()
-            .all(|c| matches!(c.state, ChunkState::Done { .. }))
+        self.done == self.chunks.len()
+    }
+
+    /// Mark a chunk done; returns false if it already was.
+    pub fn complete(&mut self, index: usize, rows: u64, raw_bytes: u64, wire_bytes: u64) -> bool {
+        let Some(c) = self.chunks.get_mut(index) else {
+            return false;
+        };
+        if matches!(c.state, ChunkState::Done { .. }) {
+            return false;
+        }
+        c.state = ChunkState::Done {
+            rows,
+            raw_bytes,
+            wire_bytes,
+        };
+        self.done += 1;
+        true
     }
 
     pub fn elapsed_secs(&self) -> f64 {

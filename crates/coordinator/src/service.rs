@@ -142,7 +142,7 @@ impl State {
                             agent: agent.to_string(),
                             since_unix_ms: now_ms(),
                         };
-                        let t = &j.record.tables[c.table];
+                        let t = &j.tables[c.table];
                         return Some(pb::sender_task::Task::Chunk(pb::ChunkLease {
                             job_id: j.record.id.clone(),
                             chunk_id: c.id,
@@ -153,6 +153,7 @@ impl State {
                             range: Some(c.range.to_wire()),
                             receiver_addr: receiver,
                             options: Some(j.record.options.to_wire()),
+                            est_bytes: c.est_bytes,
                         }));
                     }
                     if j.record.phase == Phase::Finalizing
@@ -277,7 +278,7 @@ impl Coordinator for CoordinatorService {
             .enumerate()
             .map(|(i, p)| Chunk::from_plan(i as u64 + 1, p))
             .collect();
-        job.record.tables = measures
+        job.tables = measures
             .into_iter()
             .map(|m| TableInfo {
                 table: m.table,
@@ -287,9 +288,14 @@ impl Coordinator for CoordinatorService {
             .collect();
         job.record.snapshot_id = r.snapshot_id;
         job.record.phase = Phase::Copying;
-        tracing::info!(job = %job.record.id, tables = job.record.tables.len(), chunks = job.chunks.len(), "planned");
-        let (record, chunks) = (job.record.clone(), job.chunks.clone());
+        job.recount();
+        tracing::info!(job = %job.record.id, tables = job.tables.len(), chunks = job.chunks.len(), "planned");
+        let (record, tables, chunks) = (job.record.clone(), job.tables.clone(), job.chunks.clone());
         drop(st);
+        self.inner
+            .store
+            .put_tables(&record.id, &tables)
+            .map_err(to_status)?;
         self.inner
             .store
             .put_chunks(&record.id, &chunks)
@@ -308,31 +314,33 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
-        let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) else {
+        let Some(index) = job.chunks.iter().position(|c| c.id == r.chunk_id) else {
             return Err(Status::not_found(format!(
                 "job {} has no chunk {}",
                 r.job_id, r.chunk_id
             )));
         };
         // The receipt means the target's ledger holds the chunk: done, whatever the epoch.
-        if !matches!(c.state, ChunkState::Done { .. }) {
-            c.state = ChunkState::Done {
-                rows: r.rows,
-                raw_bytes: r.raw_bytes,
-                wire_bytes: r.wire_bytes,
-            };
+        if !job.complete(index, r.rows, r.raw_bytes, r.wire_bytes) {
+            return Ok(Response::new(pb::Empty {}));
         }
-        let chunk = c.clone();
-        if job.all_done() && job.record.phase == Phase::Copying {
+        let chunk = job.chunks[index].clone();
+        let phase_changed = job.all_done() && job.record.phase == Phase::Copying;
+        if phase_changed {
             job.record.phase = Phase::Finalizing;
         }
-        let record = job.record.clone();
+        // Only a phase change rewrites (and flushes) the job record; a chunk is one small key.
+        let record = phase_changed.then(|| job.record.clone());
+        let job_id = r.job_id;
         drop(st);
         self.inner
             .store
-            .put_chunk(&record.id, &chunk)
+            .put_chunk(&job_id, &chunk)
             .map_err(to_status)?;
-        self.inner.store.put_record(&record).map_err(to_status)?;
+        if let Some(record) = record {
+            self.inner.store.put_record(&record).map_err(to_status)?;
+            self.inner.store.flush().await.map_err(to_status)?;
+        }
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::Empty {}))
     }
@@ -484,30 +492,31 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(status_of(
             job,
             st.agents.values().any(|a| a.role == Role::Receiver),
+            r.detail,
         )))
     }
 }
 
-fn status_of(job: &Job, have_receiver: bool) -> pb::JobStatusReply {
+fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply {
     let rec = &job.record;
     let mut reply = pb::JobStatusReply {
         job_id: rec.id.clone(),
         phase: rec.phase.as_str().to_string(),
         error: rec.error.clone(),
-        tables: rec.tables.len() as u32,
+        tables: job.tables.len() as u32,
         chunks: job.chunks.len() as u64,
         elapsed_secs: job.elapsed_secs(),
         verified: rec.verified && rec.phase == Phase::Done,
         tables_checked: rec.checks.len() as u32,
         sequences: rec.sequences,
         snapshot_id: rec.snapshot_id.clone(),
-        planned_bytes: rec.tables.iter().map(|t| t.bytes).sum(),
+        planned_bytes: job.tables.iter().map(|t| t.bytes).sum(),
         ..Default::default()
     };
     if rec.phase == Phase::Planning && !have_receiver {
         reply.error = "waiting for a receiver to register".to_string();
     }
-    let mut per_table: Vec<pb::TableProgress> = rec
+    let mut per_table: Vec<pb::TableProgress> = job
         .tables
         .iter()
         .map(|t| pb::TableProgress {
@@ -527,6 +536,7 @@ fn status_of(job: &Job, have_receiver: bool) -> pb::JobStatusReply {
         } = c.state
         {
             reply.chunks_done += 1;
+            reply.est_bytes_done += c.est_bytes;
             reply.rows_done += rows;
             reply.raw_bytes_done += raw_bytes;
             reply.wire_bytes_done += wire_bytes;
@@ -536,7 +546,10 @@ fn status_of(job: &Job, have_receiver: bool) -> pb::JobStatusReply {
             }
         }
     }
-    reply.table_progress = per_table;
+    reply.est_bytes_total = job.chunks.iter().map(|c| c.est_bytes).sum();
+    if detail {
+        reply.table_progress = per_table;
+    }
     reply.mismatches = rec
         .checks
         .iter()

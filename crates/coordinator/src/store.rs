@@ -10,11 +10,12 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::job::{Chunk, Job, JobRecord};
+use crate::job::{Chunk, Job, JobRecord, TableInfo};
 
 pub struct Store {
     db: sled::Db,
     jobs: sled::Tree,
+    tables: sled::Tree,
     chunks: sled::Tree,
 }
 
@@ -43,8 +44,14 @@ impl Store {
             )
         })?;
         let jobs = db.open_tree("jobs").context("open sled tree jobs")?;
+        let tables = db.open_tree("tables").context("open sled tree tables")?;
         let chunks = db.open_tree("chunks").context("open sled tree chunks")?;
-        Ok(Store { db, jobs, chunks })
+        Ok(Store {
+            db,
+            jobs,
+            tables,
+            chunks,
+        })
     }
 
     pub fn next_job_number(&self) -> anyhow::Result<u64> {
@@ -56,6 +63,15 @@ impl Store {
         self.jobs
             .insert(r.id.as_bytes(), v)
             .context("write job record")?;
+        Ok(())
+    }
+
+    /// A job's tables, written once when it is planned.
+    pub fn put_tables(&self, job: &str, tables: &[TableInfo]) -> anyhow::Result<()> {
+        let v = serde_json::to_vec(tables).context("encode tables")?;
+        self.tables
+            .insert(job.as_bytes(), v)
+            .context("write tables")?;
         Ok(())
     }
 
@@ -101,7 +117,20 @@ impl Store {
                 );
             }
             chunks.sort_by(|a, b| b.est_bytes.cmp(&a.est_bytes).then(a.id.cmp(&b.id)));
-            out.push(Job { record, chunks });
+            let tables: Vec<TableInfo> = match self
+                .tables
+                .get(record.id.as_bytes())
+                .context("read tables")?
+            {
+                Some(v) => serde_json::from_slice(&v).context("decode tables (state corrupt?)")?,
+                None => Vec::new(),
+            };
+            let mut job = Job::new(record.id.clone(), record.options.clone());
+            job.record = record;
+            job.tables = tables;
+            job.chunks = chunks;
+            job.recount();
+            out.push(job);
         }
         Ok(out)
     }

@@ -197,7 +197,7 @@ pub fn plan(tables: &[TableMeasure], chunk_bytes: u64) -> Vec<ChunkPlan> {
             });
         }
     }
-    out.sort_by(|a, b| b.est_bytes.cmp(&a.est_bytes));
+    out.sort_by_key(|c| std::cmp::Reverse(c.est_bytes));
     out
 }
 

@@ -187,6 +187,38 @@ pub fn db_error_line(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Find a PostgreSQL client program: `$HAUL_PG_BIN`, then `PATH`, then the newest
+/// `/usr/lib/postgresql/*/bin` (Debian's layout). A newer pg_dump can dump older servers.
+pub fn find_tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(d) = std::env::var_os("HAUL_PG_BIN") {
+        dirs.push(d.into());
+    }
+    let mut versioned: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let v: u32 = e.file_name().to_str()?.parse().ok()?;
+                    Some((v, e.path().join("bin")))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
+    dirs.extend(versioned.into_iter().map(|(_, p)| p));
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            crate::status::fatal(format!(
+                "{name} not found: install the PostgreSQL client (Debian/Ubuntu: apt-get install postgresql-client) or set HAUL_PG_BIN to its bin directory"
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,36 +239,4 @@ mod tests {
             assert!(!e.contains('\n'));
         }
     }
-}
-
-/// Find a PostgreSQL client program: `$HAUL_PG_BIN`, then `PATH`, then the newest
-/// `/usr/lib/postgresql/*/bin` (Debian's layout). A newer pg_dump can dump older servers.
-pub fn find_tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    let mut dirs: Vec<std::path::PathBuf> = Vec::new();
-    if let Some(d) = std::env::var_os("HAUL_PG_BIN") {
-        dirs.push(d.into());
-    }
-    let mut versioned: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    let v: u32 = e.file_name().to_str()?.parse().ok()?;
-                    Some((v, e.path().join("bin")))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    versioned.sort_by(|a, b| b.0.cmp(&a.0));
-    dirs.extend(versioned.into_iter().map(|(_, p)| p));
-    if let Some(path) = std::env::var_os("PATH") {
-        dirs.extend(std::env::split_paths(&path));
-    }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            crate::status::fatal(format!(
-                "{name} not found: install the PostgreSQL client (Debian/Ubuntu: apt-get install postgresql-client) or set HAUL_PG_BIN to its bin directory"
-            ))
-        })
 }

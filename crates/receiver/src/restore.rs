@@ -10,8 +10,9 @@ use bytes::Bytes;
 use futures::SinkExt;
 use haul_core::chunk::Column;
 use haul_core::codec::Codec;
-use haul_core::ident::{quote_ident, TableName};
+use haul_core::ident::{quote_ident, quote_literal, TableName};
 use haul_core::status::fatal;
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::pool::Pooled;
 use crate::spool::SpoolReader;
@@ -48,30 +49,35 @@ pub async fn apply(client: Pooled, r: &Restore<'_>) -> anyhow::Result<Applied> {
 }
 
 async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied> {
-    let mut begin = String::from("BEGIN; SET LOCAL row_security = off");
-    if r.replica_role {
-        begin.push_str("; SET LOCAL session_replication_role = replica");
-    }
-    client
-        .batch_execute(&begin)
+    // One round trip: begin, session settings, and the ledger claim.
+    let hex: String = r.digest.iter().map(|b| format!("{b:02x}")).collect();
+    let begin = format!(
+        "BEGIN; SET LOCAL row_security = off;{} \
+         INSERT INTO haul.ledger (job_id, chunk_id, epoch, table_name, digest, rows, raw_bytes) \
+         VALUES ({}, {}, {}, {}, '\\x{hex}'::bytea, 0, {}) ON CONFLICT DO NOTHING RETURNING 1",
+        if r.replica_role {
+            " SET LOCAL session_replication_role = replica;"
+        } else {
+            ""
+        },
+        quote_literal(r.job_id),
+        r.chunk_id,
+        r.epoch,
+        quote_literal(&r.table.to_string()),
+        r.raw_bytes
+    );
+    let claimed = client
+        .simple_query(&begin)
         .await
-        .context("begin restore transaction")?;
-    let inserted = client
-        .query_opt(
-            "INSERT INTO haul.ledger (job_id, chunk_id, epoch, table_name, digest, rows, raw_bytes) \
-             VALUES ($1, $2, $3, $4, $5, 0, $6) ON CONFLICT DO NOTHING RETURNING 1",
-            &[
-                &r.job_id,
-                &(r.chunk_id as i64),
-                &(r.epoch as i64),
-                &r.table.to_string(),
-                &r.digest,
-                &(r.raw_bytes as i64),
-            ],
-        )
-        .await
-        .context("insert ledger row")?;
-    if inserted.is_none() {
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "claim chunk in ledger: {}",
+                haul_core::pg::db_error_line(&e)
+            )
+        })?
+        .iter()
+        .any(|m| matches!(m, SimpleQueryMessage::Row(_)));
+    if !claimed {
         client.batch_execute("ROLLBACK").await.context("rollback")?;
         let rows = crate::ledger::applied(client, r.job_id, r.chunk_id)
             .await?
@@ -135,14 +141,12 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             _ => anyhow::anyhow!(line),
         }
     })?;
-    client
-        .execute(
-            "UPDATE haul.ledger SET rows = $3 WHERE job_id = $1 AND chunk_id = $2",
-            &[&r.job_id, &(r.chunk_id as i64), &(rows as i64)],
-        )
-        .await
-        .context("update ledger row")?;
-    client.batch_execute("COMMIT").await.map_err(|e| {
+    let finish = format!(
+        "UPDATE haul.ledger SET rows = {rows} WHERE job_id = {} AND chunk_id = {}; COMMIT",
+        quote_literal(r.job_id),
+        r.chunk_id
+    );
+    client.batch_execute(&finish).await.map_err(|e| {
         anyhow::anyhow!(
             "commit chunk {} of {}: {}",
             r.chunk_id,

@@ -9,7 +9,6 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use haul_core::digest::table_digest;
 use haul_core::ident::{quote_ident, quote_literal, TableName};
 use haul_core::pg::DbUrl;
 use haul_core::schema_script::{Entry, Script};
@@ -20,46 +19,115 @@ use tokio_postgres::Client;
 const BATCH: usize = 500;
 
 /// Refuse a target that would make the move unsafe: with schema creation, a table that already
-/// exists; without it, a table that is missing or already holds rows.
+/// exists; without it, a table that is missing or already holds rows. A few round trips for
+/// the whole list, not one per table.
 pub async fn preflight(
     client: &Client,
     tables: &[TableName],
     create_schema: bool,
 ) -> anyhow::Result<()> {
-    for t in tables {
-        let exists = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&t.quoted()])
-            .await
-            .context("look up target table")?
-            .get::<_, bool>(0);
-        if create_schema && exists {
+    let names: Vec<String> = tables.iter().map(TableName::quoted).collect();
+    let existing: Vec<String> = client
+        .query(
+            "SELECT t FROM unnest($1::text[]) WITH ORDINALITY AS u(t, i) WHERE to_regclass(t) IS NOT NULL ORDER BY i",
+            &[&names],
+        )
+        .await
+        .context("look up target tables")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let display = |quoted: &str| {
+        tables
+            .iter()
+            .find(|t| t.quoted() == quoted)
+            .map_or_else(|| quoted.to_string(), |t| t.to_string())
+    };
+    if create_schema {
+        if let Some(t) = existing.first() {
             return Err(fatal(format!(
-                "target already has table {t}; drop it, use an empty target database, or pass --no-schema to load into the existing tables"
+                "target already has table {}{}; drop it, use an empty target database, or pass --no-schema to load into the existing tables",
+                display(t),
+                if existing.len() > 1 { format!(" (and {} more)", existing.len() - 1) } else { String::new() }
             )));
         }
-        if !create_schema {
-            if !exists {
-                return Err(fatal(format!(
-                    "target has no table {t} and --no-schema was given; create the schema first or drop --no-schema"
-                )));
-            }
-            let has_rows = client
-                .query_one(
-                    &format!("SELECT EXISTS (SELECT 1 FROM ONLY {})", t.quoted()),
-                    &[],
+        return Ok(());
+    }
+    if let Some(missing) = names.iter().find(|n| !existing.contains(n)) {
+        return Err(fatal(format!(
+            "target has no table {} and --no-schema was given; create the schema first or drop --no-schema",
+            display(missing)
+        )));
+    }
+    for batch in names.chunks(200) {
+        let sql = batch
+            .iter()
+            .map(|n| {
+                format!(
+                    "SELECT {} WHERE EXISTS (SELECT 1 FROM ONLY {n})",
+                    quote_literal(n)
                 )
-                .await
-                .with_context(|| format!("check target table {t}"))?
-                .get::<_, bool>(0);
-            if has_rows {
-                return Err(fatal(format!(
-                    "target table {t} already holds rows; empty it (TRUNCATE) or use another target database"
-                )));
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let rows = client
+            .query(&sql, &[])
+            .await
+            .context("check target tables are empty")?;
+        if let Some(r) = rows.first() {
+            let t: String = r.get(0);
+            return Err(fatal(format!(
+                "target table {} already holds rows; empty it (TRUNCATE) or use another target database",
+                display(&t)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Statements sent per round trip. A multi-statement simple query runs as one implicit
+/// transaction, so a batch either applies whole or not at all; on failure it is replayed one
+/// entry at a time to name the entry that failed.
+const GROUP: usize = 50;
+
+/// Run `entries` as batches on `client`. Inside an explicit transaction a failure leaves it
+/// aborted: `in_tx` tells us not to replay (the caller rolls back and replays from the start).
+async fn run_entries(client: &Client, entries: &[Entry], in_tx: bool) -> anyhow::Result<()> {
+    for group in entries.chunks(GROUP) {
+        let sql: String = group
+            .iter()
+            .map(|e| e.sql.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if let Err(err) = client.batch_execute(&sql).await {
+            if group.len() == 1 {
+                return Err(entry_error("create", &group[0], &err));
+            }
+            if in_tx {
+                return Err(BatchFailed(haul_core::pg::db_error_line(&err)).into());
+            }
+            for e in group {
+                client
+                    .batch_execute(&e.sql)
+                    .await
+                    .map_err(|err| entry_error("create", e, &err))?;
             }
         }
     }
     Ok(())
 }
+
+/// A batch inside a transaction failed; the caller finds which entry by replaying.
+#[derive(Debug)]
+struct BatchFailed(String);
+
+impl std::fmt::Display for BatchFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BatchFailed {}
 
 /// Apply pre-data; returns the number of entries applied.
 pub async fn apply_pre(client: &Client, script: &Script) -> anyhow::Result<u32> {
@@ -88,11 +156,24 @@ pub async fn apply_pre(client: &Client, script: &Script) -> anyhow::Result<u32> 
             .batch_execute("BEGIN")
             .await
             .context("begin schema batch")?;
-        for e in group {
-            if let Err(err) = client.batch_execute(&e.sql).await {
-                let _ = client.batch_execute("ROLLBACK").await;
-                return Err(entry_error("create", e, &err));
+        if let Err(e) = run_entries(client, group, true).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            if e.downcast_ref::<BatchFailed>().is_none() {
+                return Err(e);
             }
+            // Find the entry that failed, then undo everything of this transaction again.
+            client
+                .batch_execute("BEGIN")
+                .await
+                .context("begin schema replay")?;
+            for entry in group {
+                if let Err(err) = client.batch_execute(&entry.sql).await {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(entry_error("create", entry, &err));
+                }
+            }
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
         }
         client
             .batch_execute("COMMIT")
@@ -168,22 +249,25 @@ pub async fn apply_post(target: &DbUrl, script: &Script, parallel: usize) -> any
 }
 
 pub async fn set_sequences(client: &Client, seqs: &[pb::SequenceValue]) -> anyhow::Result<()> {
-    for s in seqs {
-        let name = format!("{}.{}", quote_ident(&s.schema), quote_ident(&s.name));
-        let sql = format!(
-            "SELECT pg_catalog.setval({}, {}, {})",
-            quote_literal(&name),
-            s.last_value,
-            s.is_called
-        );
-        client.batch_execute(&sql).await.map_err(|e| {
-            fatal(format!(
-                "cannot set sequence {}.{} on target: {}",
-                s.schema,
-                s.name,
+    for batch in seqs.chunks(200) {
+        let sql = batch
+            .iter()
+            .map(|s| {
+                let name = format!("{}.{}", quote_ident(&s.schema), quote_ident(&s.name));
+                format!(
+                    "SELECT pg_catalog.setval({}, {}, {});",
+                    quote_literal(&name),
+                    s.last_value,
+                    s.is_called
+                )
+            })
+            .collect::<String>();
+        if let Err(e) = client.batch_execute(&sql).await {
+            return Err(fatal(format!(
+                "cannot set sequences on target: {}",
                 haul_core::pg::db_error_line(&e)
-            ))
-        })?;
+            )));
+        }
     }
     Ok(())
 }
@@ -209,35 +293,18 @@ pub async fn digests(
     tables: Vec<TableName>,
     parallel: usize,
 ) -> anyhow::Result<Vec<pb::TableDigest>> {
-    let queue = Arc::new(tokio::sync::Mutex::new(tables));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..parallel.max(1) {
-        let queue = queue.clone();
+    let target = target.clone();
+    let all = haul_core::digest::digest_all(tables, parallel, "", move || {
         let target = target.clone();
-        workers.spawn(async move {
-            let client = target.connect("haul-verify").await?;
-            let mut out = Vec::new();
-            loop {
-                let next = queue.lock().await.pop();
-                let Some(t) = next else {
-                    return anyhow::Ok(out);
-                };
-                // A table the target lacks or cannot read is a mismatch to report, not a crash.
-                let (rows, digest) = match table_digest(&client, &t).await {
-                    Ok(v) => v,
-                    Err(e) => (-1, format!("unreadable: {e:#}")),
-                };
-                out.push(pb::TableDigest {
-                    table: Some(t.to_wire()),
-                    rows,
-                    digest,
-                });
-            }
-        });
-    }
-    let mut all = Vec::new();
-    while let Some(r) = workers.join_next().await {
-        all.extend(r.context("verify worker")??);
-    }
-    Ok(all)
+        async move { target.connect("haul-verify").await }
+    })
+    .await?;
+    Ok(all
+        .into_iter()
+        .map(|d| pb::TableDigest {
+            table: Some(d.table.to_wire()),
+            rows: d.rows,
+            digest: d.digest,
+        })
+        .collect())
 }

@@ -170,14 +170,14 @@ async fn key_cuts(
 }
 
 /// How many tables a schema dump will lock, and whether the lock table can take it. pg_dump
-/// locks every table in one transaction; a lock table that is too small fails it halfway with
+/// locks every table (plain and partitioned; not sequences or views) in one transaction; a lock table that is too small fails it halfway with
 /// "out of shared memory", so we say so before starting.
 pub async fn check_lock_capacity(client: &Client) -> anyhow::Result<()> {
     let row = client
         .query_one(
             &format!(
                 "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                         WHERE c.relkind IN ('r', 'p', 'f', 'm', 'v', 'S') AND {SKIP_SCHEMAS})::int8, \
+                         WHERE c.relkind IN ('r', 'p') AND {SKIP_SCHEMAS})::int8, \
                         current_setting('max_locks_per_transaction')::int8, \
                         current_setting('max_connections')::int8, \
                         current_setting('max_prepared_transactions')::int8"
@@ -194,7 +194,7 @@ pub async fn check_lock_capacity(client: &Client) -> anyhow::Result<()> {
     if needed > capacity {
         let want = (needed + conns + prepared - 1) / (conns + prepared).max(1);
         return Err(fatal(format!(
-            "the source has {relations} relations but its lock table holds about {capacity} locks \
+            "the source has {relations} tables but its lock table holds about {capacity} locks \
              (max_locks_per_transaction={per_tx} x (max_connections={conns} + max_prepared_transactions={prepared})); \
              the schema dump locks every table at once, so set max_locks_per_transaction to at least {want} \
              on the source and restart it"

@@ -6,12 +6,13 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use haul_core::digest::table_digest;
+use haul_core::digest::digest_all;
 use haul_core::ident::TableName;
 use haul_core::status::from_status;
 use haul_proto as pb;
 
 use crate::catalog;
+use crate::snapshot::SnapshotReader;
 use crate::worker::Shared;
 
 pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result<()> {
@@ -27,13 +28,27 @@ pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result
     let matviews = catalog::populated_matviews(client).await?;
     let tables = catalog::measure_tables(client, &options.tables, 0).await?;
 
-    let mut source = Vec::new();
-    if options.verify {
-        for t in &tables {
-            let (rows, digest) = table_digest(client, &t.table).await?;
-            source.push((t.table.clone(), rows, digest));
-        }
-    }
+    // The source side, in parallel on readers of the job's snapshot.
+    let source = if options.verify {
+        let (src, job, snap) = (
+            shared.config.source.clone(),
+            job_id.clone(),
+            holder.snapshot_id.clone(),
+        );
+        let names: Vec<TableName> = tables.iter().map(|t| t.table.clone()).collect();
+        digest_all(
+            names,
+            options.jobs.max(1) as usize,
+            "ROLLBACK TO SAVEPOINT haul_chunk",
+            move || {
+                let (src, job, snap) = (src.clone(), job.clone(), snap.clone());
+                async move { Ok(SnapshotReader::open(&src, &job, &snap).await?.client) }
+            },
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
 
     let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
     let reply = receiver
@@ -53,15 +68,17 @@ pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result
         .into_inner();
 
     let mut checks = Vec::new();
-    for (table, rows, digest) in source {
-        let target = reply
-            .digests
-            .iter()
-            .find(|d| d.table.as_ref().map(TableName::from).as_ref() == Some(&table));
+    let targets: std::collections::HashMap<TableName, &pb::TableDigest> = reply
+        .digests
+        .iter()
+        .filter_map(|d| d.table.as_ref().map(|t| (TableName::from(t), d)))
+        .collect();
+    for d in source {
+        let target = targets.get(&d.table);
         checks.push(pb::TableCheck {
-            table: Some(table.to_wire()),
-            source_rows: rows,
-            source_digest: digest,
+            table: Some(d.table.to_wire()),
+            source_rows: d.rows,
+            source_digest: d.digest,
             target_rows: target.map_or(-1, |d| d.rows),
             target_digest: target.map(|d| d.digest.clone()).unwrap_or_default(),
         });

@@ -42,11 +42,17 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
         create_schema: options.create_schema,
         only,
     };
-    let objects = dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPre).await?;
+    // Post-data is only stored by the receiver, so it is dumped while pre-data is applied.
+    let pre = dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPre);
+    let post = async {
+        if options.create_schema {
+            dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPost).await
+        } else {
+            Ok(0)
+        }
+    };
+    let (objects, _) = tokio::try_join!(pre, post)?;
     tracing::info!(job = %job_id, objects, "pre-data on target");
-    if options.create_schema {
-        dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPost).await?;
-    }
 
     let report = pb::PlanReport {
         job_id: job_id.clone(),

@@ -54,7 +54,7 @@ impl SnapshotReader {
         client
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
-                 SET LOCAL row_security = off",
+                 SET LOCAL row_security = off; SAVEPOINT haul_chunk",
                 haul_core::ident::quote_literal(snapshot_id)
             ))
             .await

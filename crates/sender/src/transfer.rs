@@ -26,6 +26,9 @@ use crate::worker::Shared;
 /// on its own task so reading, compressing and sending overlap; its capacity is the bound.
 const FRAMES_IN_FLIGHT: usize = 4;
 
+/// Chunks at least this big are checked against the receiver's ledger before being sent.
+const ASK_FIRST_BYTES: u64 = 4 << 20;
+
 pub struct Outcome {
     pub rows: u64,
     pub raw_bytes: u64,
@@ -51,22 +54,26 @@ pub async fn run(
     let codec = Codec::from_wire(options.codec, options.zstd_level)?;
 
     let mut receiver = shared.peers.receiver(&lease.receiver_addr).await?;
-    let begin = receiver
-        .begin_chunk(pb::BeginChunkRequest {
-            job_id: lease.job_id.clone(),
-            chunk_id: lease.chunk_id,
-        })
-        .await
-        .map_err(|s| from_status(s, "receiver refused to begin chunk"))?
-        .into_inner();
-    if begin.already_applied {
-        return Ok(Outcome {
-            rows: begin.rows,
-            raw_bytes: 0,
-            wire_bytes: 0,
-            digest: vec![],
-            already_applied: true,
-        });
+    // Ask first only when it can save something: a re-lease, or a chunk big enough that not
+    // re-sending it matters. Either way the target's ledger guarantees it is applied once.
+    if lease.epoch > 1 || lease.est_bytes >= ASK_FIRST_BYTES {
+        let begin = receiver
+            .begin_chunk(pb::BeginChunkRequest {
+                job_id: lease.job_id.clone(),
+                chunk_id: lease.chunk_id,
+            })
+            .await
+            .map_err(|s| from_status(s, "receiver refused to begin chunk"))?
+            .into_inner();
+        if begin.already_applied {
+            return Ok(Outcome {
+                rows: begin.rows,
+                raw_bytes: 0,
+                wire_bytes: 0,
+                digest: vec![],
+                already_applied: true,
+            });
+        }
     }
 
     // A reader inside this job's snapshot; a reader of another job's snapshot is replaced.
@@ -101,7 +108,8 @@ pub async fn run(
             shared, limiter, client, &table, &columns, &range, codec, &tx,
         )
         .await;
-        // Rolling back the savepoint releases this chunk's table lock and clears any error.
+        // Rolling back to the savepoint (set when the reader opened; it survives the rollback)
+        // releases this chunk's table lock and clears any error.
         client
             .batch_execute("ROLLBACK TO SAVEPOINT haul_chunk")
             .await

@@ -184,7 +184,7 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 let job = p.job_id.clone();
                 if let Err(e) = plan::run(&shared, p).await {
                     shared.release_snapshot(&job).await;
-                    report_failure(&shared, &job, 0, 0, e).await;
+                    report_failure(&shared, "plan", &job, 0, 0, e).await;
                 }
             }
             Some(pb::sender_task::Task::Chunk(lease)) => {
@@ -215,15 +215,22 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                     Err(e) => {
                         // The reader's transaction may be unusable now; open a fresh one next time.
                         reader = None;
-                        report_failure(&shared, &lease.job_id, lease.chunk_id, lease.epoch, e)
-                            .await;
+                        report_failure(
+                            &shared,
+                            "copy chunk",
+                            &lease.job_id,
+                            lease.chunk_id,
+                            lease.epoch,
+                            e,
+                        )
+                        .await;
                     }
                 }
             }
             Some(pb::sender_task::Task::Finalize(f)) => {
                 let job = f.job_id.clone();
                 if let Err(e) = finalize::run(&shared, f).await {
-                    report_failure(&shared, &job, 0, 0, e).await;
+                    report_failure(&shared, "finalize", &job, 0, 0, e).await;
                 }
             }
         }
@@ -232,6 +239,7 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
 
 async fn report_failure(
     shared: &Shared,
+    what: &str,
     job_id: &str,
     chunk_id: u64,
     epoch: u64,
@@ -239,7 +247,11 @@ async fn report_failure(
 ) {
     let fatal = fatal_message(&e);
     let message = fatal.clone().unwrap_or_else(|| format!("{e:#}"));
-    tracing::warn!(job = %job_id, chunk = chunk_id, "failed to {}", message);
+    if chunk_id == 0 {
+        tracing::warn!("failed to {what} {job_id}: {message}");
+    } else {
+        tracing::warn!("failed to {what} {chunk_id} of {job_id}: {message}");
+    }
     let report = pb::FailureReport {
         job_id: job_id.to_string(),
         chunk_id,
