@@ -14,6 +14,7 @@ pub struct Run {
     /// Peak resident memory of the process tree's largest member, in MiB (from /usr/bin/time).
     pub peak_mib: f64,
     pub ok: bool,
+    pub stdout: String,
     pub stderr_tail: String,
 }
 
@@ -48,6 +49,7 @@ pub fn measure(program: &str, args: &[String]) -> anyhow::Result<Run> {
         secs,
         peak_mib: kib / 1024.0,
         ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr_tail: tail[tail.len().saturating_sub(5)..].join("\n"),
     })
 }

@@ -10,22 +10,51 @@ pub const HAUL: &str = env!("CARGO_BIN_EXE_haul");
 /// A role running as its own process; killed when dropped.
 pub struct Agent {
     child: Child,
+    role: String,
+    args: Vec<String>,
     pub log: PathBuf,
 }
 
 impl Agent {
     pub fn spawn(dir: &Path, role: &str, args: &[&str]) -> anyhow::Result<Agent> {
         let log = dir.join(format!("{role}.log"));
-        let out = std::fs::File::create(&log)?;
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let child = Self::start(role, &args, &log)?;
+        Ok(Agent {
+            child,
+            role: role.to_string(),
+            args,
+            log,
+        })
+    }
+
+    fn start(role: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+        // Append, so a restarted process's log follows its predecessor's.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let err = out.try_clone()?;
-        let child = Command::new(HAUL)
+        Ok(Command::new(HAUL)
             .arg(role)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
-            .spawn()?;
-        Ok(Agent { child, log })
+            .spawn()?)
+    }
+
+    /// SIGKILL: no chance to flush, drain or say goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the same role again with the same arguments (state directories included).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.child = Self::start(&self.role, &self.args, &self.log)?;
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {

@@ -148,6 +148,19 @@ pub struct Chunk {
     pub attempts: u32,
     pub state: ChunkState,
     pub last_error: String,
+    /// After a failure the chunk waits before it is leased again (exponential backoff), so a
+    /// peer that is restarting is not burnt through the attempt limit in a second.
+    #[serde(default)]
+    pub not_before_ms: u64,
+}
+
+/// Transient failures a chunk may have before the job fails. With the backoff below, that is
+/// about two minutes of a peer being unreachable.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+/// The wait before the next lease after `attempts` failures: 1 s, 2 s, 4 s ... capped at 30 s.
+pub fn backoff_ms(attempts: u32) -> u64 {
+    (1000u64 << attempts.saturating_sub(1).min(5)).min(30_000)
 }
 
 impl Chunk {
@@ -161,6 +174,7 @@ impl Chunk {
             attempts: 0,
             state: ChunkState::Pending,
             last_error: String::new(),
+            not_before_ms: 0,
         }
     }
 }
@@ -333,6 +347,12 @@ mod tests {
         assert_eq!(j.expire_leases(Duration::from_secs(60)), 1);
         assert_eq!(j.chunks[0].state, ChunkState::Pending);
         assert_eq!(j.leases_held_by("sender/a"), 1);
+    }
+
+    #[test]
+    fn retries_back_off() {
+        let waits: Vec<u64> = (1..=8).map(backoff_ms).collect();
+        assert_eq!(waits, [1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]);
     }
 
     #[test]

@@ -14,7 +14,9 @@ use haul_proto::coordinator_server::Coordinator;
 use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 
-use crate::job::{now_ms, Check, Chunk, ChunkState, Job, Options, Phase, TableInfo};
+use crate::job::{
+    backoff_ms, now_ms, Check, Chunk, ChunkState, Job, Options, Phase, TableInfo, MAX_ATTEMPTS,
+};
 use crate::store::Store;
 
 /// How long a poll waits for work before answering Idle. Long polls keep hand-out latency low
@@ -133,7 +135,11 @@ impl State {
                         let receiver = receiver
                             .clone()
                             .unwrap_or_else(|| j.record.receiver_addr.clone());
-                        let Some(c) = j.chunks.iter_mut().find(|c| c.state == ChunkState::Pending)
+                        let now = now_ms();
+                        let Some(c) = j
+                            .chunks
+                            .iter_mut()
+                            .find(|c| c.state == ChunkState::Pending && c.not_before_ms <= now)
                         else {
                             continue;
                         };
@@ -419,8 +425,9 @@ impl Coordinator for CoordinatorService {
                 c.attempts += 1;
                 c.last_error = r.message.clone();
                 c.state = ChunkState::Pending;
+                c.not_before_ms = now_ms() + backoff_ms(c.attempts);
                 changed_chunk = Some(c.clone());
-                if c.attempts >= 5 {
+                if c.attempts >= MAX_ATTEMPTS {
                     let msg = format!(
                         "chunk {} failed {} times; last error: {}",
                         c.id, c.attempts, r.message

@@ -37,12 +37,18 @@ impl Store {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("create state directory {}", dir.display()))?;
         let path = dir.join("coordinator.sled");
-        let db = sled::open(&path).with_context(|| {
-            format!(
+        // sled's default page cache is 1 GiB; the coordinator's state is small and its working
+        // set smaller, so a modest cache keeps its memory flat as jobs grow.
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(32 << 20)
+            .open()
+            .with_context(|| {
+                format!(
                 "open coordinator state {} (is another coordinator using this --state directory?)",
                 path.display()
             )
-        })?;
+            })?;
         let jobs = db.open_tree("jobs").context("open sled tree jobs")?;
         let tables = db.open_tree("tables").context("open sled tree tables")?;
         let chunks = db.open_tree("chunks").context("open sled tree chunks")?;

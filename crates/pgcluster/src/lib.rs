@@ -14,6 +14,8 @@
 mod account;
 mod bin;
 mod cluster;
+mod compare;
 
 pub use bin::pg_bin;
 pub use cluster::{Cluster, ClusterOptions};
+pub use compare::compare_databases;
