@@ -4,7 +4,7 @@
 //! and on the wire, peak memory, and the comparison's verdict.
 //!
 //!     cargo build --release -p haul -p haul-bench
-//!     ./target/release/copy_size [MB]
+//!     ./target/release/copy_size [MB] [CHUNK_SIZE]
 
 use anyhow::Context;
 use haul_bench::{haul_bin, measure};
@@ -16,6 +16,9 @@ fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(300);
+    let chunk = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "256MB".to_string());
     let source = Cluster::start(ClusterOptions::default())?;
     let target = Cluster::start(ClusterOptions::default())?;
     source.create_database("shop")?;
@@ -52,6 +55,8 @@ fn main() -> anyhow::Result<()> {
             target.url("shop"),
             "--jobs".into(),
             "4".into(),
+            "--chunk-size".into(),
+            chunk,
         ],
     )?;
     println!(
