@@ -257,6 +257,25 @@ pub fn print_summary(s: &pb::JobStatusReply) {
             println!("verified   no (--no-verify)");
         }
     }
+    match s.snapshots.len() {
+        0 => {}
+        1 => println!(
+            "snapshot   every chunk read under one snapshot ({})",
+            s.snapshots[0].snapshot_id
+        ),
+        n => {
+            let uses: Vec<String> = s
+                .snapshots
+                .iter()
+                .map(|u| format!("{} chunks under {}", u.chunks, u.snapshot_id))
+                .collect();
+            println!(
+                "snapshot   NOT one snapshot: a snapshot holder restarted, so chunks were read under {n} snapshots ({}); \
+                 rows written to the source meanwhile may differ (see status --json for chunk ids)",
+                uses.join(", ")
+            );
+        }
+    }
     for m in &s.mismatches {
         let t = m
             .table
@@ -296,6 +315,11 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
             serde_json::json!({"table": name, "chunks": t.chunks, "chunks_done": t.chunks_done, "bytes": t.bytes, "rows_done": t.rows_done})
         })
         .collect();
+    let snapshots: Vec<serde_json::Value> = s
+        .snapshots
+        .iter()
+        .map(|u| serde_json::json!({"snapshot_id": u.snapshot_id, "chunks": u.chunks, "chunk_ids": u.chunk_ids}))
+        .collect();
     let mismatches: Vec<serde_json::Value> = s
         .mismatches
         .iter()
@@ -310,6 +334,7 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "raw_bytes_done": s.raw_bytes_done, "wire_bytes_done": s.wire_bytes_done,
         "planned_bytes": s.planned_bytes, "elapsed_secs": s.elapsed_secs, "verified": s.verified,
         "tables_checked": s.tables_checked, "sequences": s.sequences, "snapshot_id": s.snapshot_id,
+        "consistent": s.consistent, "snapshots": snapshots,
         "table_progress": tables, "mismatches": mismatches,
     })
     .to_string()

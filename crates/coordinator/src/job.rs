@@ -104,6 +104,17 @@ pub struct JobRecord {
     pub checks: Vec<Check>,
     pub sequences: u32,
     pub post_data_objects: u32,
+    /// The planner's process incarnation: a planner that comes back as a new process has lost
+    /// the snapshot it held.
+    #[serde(default)]
+    pub planner_incarnation: String,
+    /// The snapshot died with its holder; a sender must export a new one before more chunks go
+    /// out.
+    #[serde(default)]
+    pub snapshot_lost: bool,
+    /// A snapshot task is out; not handed out twice at once.
+    #[serde(default)]
+    pub snapshot_leased: bool,
     /// The finalize task is out (with the planner); not handed out twice at once.
     #[serde(default)]
     pub finalize_leased: bool,
@@ -148,6 +159,9 @@ pub struct Chunk {
     pub attempts: u32,
     pub state: ChunkState,
     pub last_error: String,
+    /// The snapshot the chunk's rows were read under (from the target's ledger).
+    #[serde(default)]
+    pub snapshot_id: String,
     /// After a failure the chunk waits before it is leased again (exponential backoff), so a
     /// peer that is restarting is not burnt through the attempt limit in a second.
     #[serde(default)]
@@ -175,6 +189,7 @@ impl Chunk {
             state: ChunkState::Pending,
             last_error: String::new(),
             not_before_ms: 0,
+            snapshot_id: String::new(),
         }
     }
 }
@@ -211,6 +226,9 @@ impl Job {
                 sequences: 0,
                 post_data_objects: 0,
                 finalize_leased: false,
+                planner_incarnation: String::new(),
+                snapshot_lost: false,
+                snapshot_leased: false,
             },
             tables: Vec::new(),
             chunks: Vec::new(),
@@ -267,14 +285,22 @@ impl Job {
         self.done == self.chunks.len()
     }
 
-    /// Mark a chunk done; returns false if it already was.
-    pub fn complete(&mut self, index: usize, rows: u64, raw_bytes: u64, wire_bytes: u64) -> bool {
+    /// Mark a chunk done, read under `snapshot_id`; returns false if it already was.
+    pub fn complete(
+        &mut self,
+        index: usize,
+        rows: u64,
+        raw_bytes: u64,
+        wire_bytes: u64,
+        snapshot_id: &str,
+    ) -> bool {
         let Some(c) = self.chunks.get_mut(index) else {
             return false;
         };
         if matches!(c.state, ChunkState::Done { .. }) {
             return false;
         }
+        c.snapshot_id = snapshot_id.to_string();
         c.state = ChunkState::Done {
             rows,
             raw_bytes,
@@ -282,6 +308,36 @@ impl Job {
         };
         self.done += 1;
         true
+    }
+
+    /// Return every lease held by `agent` to pending (its process restarted: it holds nothing).
+    pub fn void_leases_of(&mut self, agent: &str) -> usize {
+        let mut n = 0;
+        for c in &mut self.chunks {
+            if matches!(&c.state, ChunkState::Leased { agent: a, .. } if a == agent) {
+                c.state = ChunkState::Pending;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Snapshots the done chunks were read under, with their chunk ids, first used first.
+    pub fn snapshots(&self) -> Vec<(String, Vec<u64>)> {
+        let mut out: Vec<(String, Vec<u64>)> = Vec::new();
+        let mut done: Vec<&Chunk> = self
+            .chunks
+            .iter()
+            .filter(|c| matches!(c.state, ChunkState::Done { .. }))
+            .collect();
+        done.sort_by_key(|c| c.id);
+        for c in done {
+            match out.iter_mut().find(|(s, _)| *s == c.snapshot_id) {
+                Some((_, ids)) => ids.push(c.id),
+                None => out.push((c.snapshot_id.clone(), vec![c.id])),
+            }
+        }
+        out
     }
 
     pub fn elapsed_secs(&self) -> f64 {

@@ -27,6 +27,7 @@ struct Agent {
     role: Role,
     advertise: String,
     last_seen_ms: u64,
+    incarnation: String,
 }
 
 pub struct State {
@@ -62,6 +63,7 @@ impl Inner {
                 j.record.planner = None;
             }
             j.record.finalize_leased = false;
+            j.record.snapshot_leased = false;
         }
         Ok(Inner {
             store,
@@ -112,6 +114,17 @@ impl State {
     fn next_task(&mut self, agent: &str, lease_timeout: Duration) -> Option<pb::sender_task::Task> {
         let receiver = self.pick_receiver();
         for j in self.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+            if j.record.snapshot_lost {
+                // Nothing of this job can be read until a sender exports a new snapshot.
+                if j.record.snapshot_leased {
+                    continue;
+                }
+                j.record.snapshot_leased = true;
+                j.record.planner = Some(agent.to_string());
+                return Some(pb::sender_task::Task::Snapshot(pb::SnapshotTask {
+                    job_id: j.record.id.clone(),
+                }));
+            }
             match j.record.phase {
                 Phase::Planning if j.record.planner.is_none() => {
                     let addr = receiver.clone()?;
@@ -210,15 +223,55 @@ impl Coordinator for CoordinatorService {
             ));
         }
         let mut st = self.inner.state.lock().await;
+        let restarted = st
+            .agents
+            .get(&id)
+            .is_some_and(|a| a.incarnation != r.incarnation);
+        let mut changed = Vec::new();
+        if who.role == Role::Sender {
+            for j in st.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+                let mut dirty = false;
+                // A new process holds no leases: give its predecessor's back now rather than
+                // after the lease timeout.
+                if restarted && j.void_leases_of(&id) > 0 {
+                    dirty = true;
+                }
+                // A new process of the snapshot's holder: the snapshot died with the old one.
+                let holder = j.record.planner.as_deref() == Some(id.as_str());
+                if holder
+                    && !r.incarnation.is_empty()
+                    && !j.record.planner_incarnation.is_empty()
+                    && j.record.planner_incarnation != r.incarnation
+                    && matches!(j.record.phase, Phase::Copying | Phase::Finalizing)
+                    && !j.record.snapshot_lost
+                {
+                    tracing::warn!(job = %j.record.id, agent = %id, "the snapshot holder restarted; a new snapshot will be exported");
+                    j.record.snapshot_lost = true;
+                    j.record.snapshot_leased = false;
+                    j.record.finalize_leased = false;
+                    dirty = true;
+                }
+                if dirty {
+                    changed.push(j.record.clone());
+                }
+            }
+        }
         st.agents.insert(
             id.clone(),
             Agent {
                 role: who.role,
                 advertise: r.advertise,
                 last_seen_ms: now_ms(),
+                incarnation: r.incarnation,
             },
         );
         drop(st);
+        for record in &changed {
+            self.inner.store.put_record(record).map_err(to_status)?;
+        }
+        if !changed.is_empty() {
+            self.inner.store.flush().await.map_err(to_status)?;
+        }
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::RegisterReply { agent_id: id }))
     }
@@ -254,7 +307,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::PlanReport>,
     ) -> Result<Response<pb::Empty>, Status> {
-        haul_certs::require(&req, &[Role::Sender])?;
+        let who = haul_certs::require(&req, &[Role::Sender])?;
         let r = req.into_inner();
         let mut measures = Vec::with_capacity(r.tables.len());
         for t in &r.tables {
@@ -274,6 +327,11 @@ impl Coordinator for CoordinatorService {
             });
         }
         let mut st = self.inner.state.lock().await;
+        let planner_incarnation = st
+            .agents
+            .get(&agent_id(who.role, &who.name))
+            .map(|a| a.incarnation.clone())
+            .unwrap_or_default();
         let job = st.job_mut(&r.job_id)?;
         if job.record.phase != Phase::Planning {
             return Ok(Response::new(pb::Empty {}));
@@ -293,6 +351,7 @@ impl Coordinator for CoordinatorService {
             })
             .collect();
         job.record.snapshot_id = r.snapshot_id;
+        job.record.planner_incarnation = planner_incarnation;
         job.record.phase = Phase::Copying;
         job.recount();
         tracing::info!(job = %job.record.id, tables = job.tables.len(), chunks = job.chunks.len(), "planned");
@@ -327,7 +386,7 @@ impl Coordinator for CoordinatorService {
             )));
         };
         // The receipt means the target's ledger holds the chunk: done, whatever the epoch.
-        if !job.complete(index, r.rows, r.raw_bytes, r.wire_bytes) {
+        if !job.complete(index, r.rows, r.raw_bytes, r.wire_bytes, &r.snapshot_id) {
             return Ok(Response::new(pb::Empty {}));
         }
         let chunk = job.chunks[index].clone();
@@ -399,6 +458,41 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn report_snapshot(
+        &self,
+        req: Request<pb::SnapshotReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let who = haul_certs::require(&req, &[Role::Sender])?;
+        let id = agent_id(who.role, &who.name);
+        let r = req.into_inner();
+        if r.snapshot_id.is_empty() {
+            return Err(Status::invalid_argument("empty snapshot id"));
+        }
+        let mut st = self.inner.state.lock().await;
+        let incarnation = st
+            .agents
+            .get(&id)
+            .map(|a| a.incarnation.clone())
+            .unwrap_or_default();
+        let job = st.job_mut(&r.job_id)?;
+        if !job.record.snapshot_lost {
+            return Ok(Response::new(pb::Empty {}));
+        }
+        tracing::info!(job = %job.record.id, snapshot = %r.snapshot_id, holder = %id, "new snapshot for the remaining chunks");
+        job.record.snapshot_id = r.snapshot_id;
+        job.record.planner = Some(id);
+        job.record.planner_incarnation = incarnation;
+        job.record.snapshot_lost = false;
+        job.record.snapshot_leased = false;
+        job.record.finalize_leased = false;
+        let record = job.record.clone();
+        drop(st);
+        self.inner.store.put_record(&record).map_err(to_status)?;
+        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn report_failure(
         &self,
         req: Request<pb::FailureReport>,
@@ -408,8 +502,27 @@ impl Coordinator for CoordinatorService {
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
         let mut changed_chunk = None;
-        if r.fatal {
+        if !r.lost_snapshot.is_empty() {
+            // The snapshot could not be imported: its holder is gone. Not the chunk's fault.
+            if r.lost_snapshot == job.record.snapshot_id && !job.record.snapshot_lost {
+                tracing::warn!(job = %r.job_id, snapshot = %r.lost_snapshot, "snapshot lost; a new one will be exported");
+                job.record.snapshot_lost = true;
+                job.record.snapshot_leased = false;
+            }
+            if let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) {
+                if c.epoch == r.epoch && matches!(c.state, ChunkState::Leased { .. }) {
+                    c.state = ChunkState::Pending;
+                }
+            }
+        } else if r.fatal {
             job.fail(r.message.clone());
+        } else if job.record.snapshot_lost && r.chunk_id == 0 {
+            // The snapshot task failed: hand it out again.
+            job.record.snapshot_leased = false;
+            job.record.plan_attempts += 1;
+            if job.record.plan_attempts > 10 {
+                job.fail(format!("cannot export a new snapshot: {}", r.message));
+            }
         } else if r.chunk_id == 0 {
             match job.record.phase {
                 Phase::Planning if job.record.plan_attempts < 3 => job.record.planner = None,
@@ -554,6 +667,16 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
         }
     }
     reply.est_bytes_total = job.chunks.iter().map(|c| c.est_bytes).sum();
+    let snapshots = job.snapshots();
+    reply.consistent = snapshots.len() <= 1;
+    reply.snapshots = snapshots
+        .into_iter()
+        .map(|(id, chunks)| pb::SnapshotUse {
+            snapshot_id: id,
+            chunks: chunks.len() as u64,
+            chunk_ids: if detail { chunks } else { Vec::new() },
+        })
+        .collect();
     if detail {
         reply.table_progress = per_table;
     }

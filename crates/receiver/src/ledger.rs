@@ -11,6 +11,7 @@ pub const CREATE: &str = "CREATE SCHEMA IF NOT EXISTS haul; \
         chunk_id bigint NOT NULL, \
         epoch bigint NOT NULL, \
         table_name text NOT NULL, \
+        snapshot_id text NOT NULL, \
         digest bytea NOT NULL, \
         rows bigint NOT NULL, \
         raw_bytes bigint NOT NULL, \
@@ -33,14 +34,18 @@ pub async fn ensure(client: &Client) -> anyhow::Result<()> {
         })
 }
 
-/// Rows applied for a chunk, if it is in the ledger.
-pub async fn applied(client: &Client, job_id: &str, chunk_id: u64) -> anyhow::Result<Option<u64>> {
+/// Rows applied for a chunk and the snapshot they were read under, if it is in the ledger.
+pub async fn applied(
+    client: &Client,
+    job_id: &str,
+    chunk_id: u64,
+) -> anyhow::Result<Option<(u64, String)>> {
     let row = client
         .query_opt(
-            "SELECT rows FROM haul.ledger WHERE job_id = $1 AND chunk_id = $2",
+            "SELECT rows, snapshot_id FROM haul.ledger WHERE job_id = $1 AND chunk_id = $2",
             &[&job_id, &(chunk_id as i64)],
         )
         .await
         .context("read ledger")?;
-    Ok(row.map(|r| r.get::<_, i64>(0).max(0) as u64))
+    Ok(row.map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get::<_, String>(1))))
 }

@@ -100,6 +100,8 @@ async fn register_loop(config: ReceiverConfig, shutdown: CancellationToken) {
             name: config.name.clone(),
             advertise: config.advertise.clone(),
             slots: config.slots as u32,
+            // Receivers hold no leases or snapshots, so a restart needs no fencing here.
+            incarnation: String::new(),
         };
         match client.register(req).await {
             Ok(r) => {

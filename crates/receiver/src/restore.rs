@@ -26,6 +26,8 @@ pub struct Restore<'a> {
     pub codec: Codec,
     pub digest: &'a [u8],
     pub raw_bytes: u64,
+    /// The snapshot the sender read the rows under, recorded in the ledger.
+    pub snapshot_id: &'a str,
     pub spool: &'a std::path::Path,
     /// Load with `session_replication_role = replica`: triggers and FK checks do not fire.
     pub replica_role: bool,
@@ -33,7 +35,7 @@ pub struct Restore<'a> {
 
 pub enum Applied {
     Now { rows: u64 },
-    Before { rows: u64 },
+    Before { rows: u64, snapshot_id: String },
 }
 
 pub async fn apply(client: Pooled, r: &Restore<'_>) -> anyhow::Result<Applied> {
@@ -53,8 +55,8 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
     let hex: String = r.digest.iter().map(|b| format!("{b:02x}")).collect();
     let begin = format!(
         "BEGIN; SET LOCAL row_security = off;{} \
-         INSERT INTO haul.ledger (job_id, chunk_id, epoch, table_name, digest, rows, raw_bytes) \
-         VALUES ({}, {}, {}, {}, '\\x{hex}'::bytea, 0, {}) ON CONFLICT DO NOTHING RETURNING 1",
+         INSERT INTO haul.ledger (job_id, chunk_id, epoch, table_name, snapshot_id, digest, rows, raw_bytes) \
+         VALUES ({}, {}, {}, {}, {}, '\\x{hex}'::bytea, 0, {}) ON CONFLICT DO NOTHING RETURNING 1",
         if r.replica_role {
             " SET LOCAL session_replication_role = replica;"
         } else {
@@ -64,6 +66,7 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
         r.chunk_id,
         r.epoch,
         quote_literal(&r.table.to_string()),
+        quote_literal(r.snapshot_id),
         r.raw_bytes
     );
     let claimed = client
@@ -79,10 +82,10 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
         .any(|m| matches!(m, SimpleQueryMessage::Row(_)));
     if !claimed {
         client.batch_execute("ROLLBACK").await.context("rollback")?;
-        let rows = crate::ledger::applied(client, r.job_id, r.chunk_id)
+        let (rows, snapshot_id) = crate::ledger::applied(client, r.job_id, r.chunk_id)
             .await?
-            .unwrap_or(0);
-        return Ok(Applied::Before { rows });
+            .unwrap_or_default();
+        return Ok(Applied::Before { rows, snapshot_id });
     }
 
     let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();

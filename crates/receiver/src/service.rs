@@ -57,9 +57,11 @@ impl Receiver for ReceiverService {
         let applied = ledger::applied(&client, &r.job_id, r.chunk_id)
             .await
             .map_err(to_status)?;
+        let (rows, snapshot_id) = applied.clone().unwrap_or_default();
         Ok(Response::new(pb::BeginChunkReply {
             already_applied: applied.is_some(),
-            rows: applied.unwrap_or(0),
+            rows,
+            snapshot_id,
         }))
     }
 
@@ -187,6 +189,7 @@ impl ReceiverService {
             raw_bytes,
             spool: &path,
             replica_role: self.inner.replica_role,
+            snapshot_id: &header.snapshot_id,
         };
         // A target hiccup is retried from the spool, never by asking for the bytes again.
         let mut attempt = 0;
@@ -222,10 +225,12 @@ impl ReceiverService {
             Applied::Now { rows } => pb::ChunkReceipt {
                 rows,
                 already_applied: false,
+                snapshot_id: header.snapshot_id.clone(),
             },
-            Applied::Before { rows } => pb::ChunkReceipt {
+            Applied::Before { rows, snapshot_id } => pb::ChunkReceipt {
                 rows,
                 already_applied: true,
+                snapshot_id,
             },
         })
     }

@@ -115,3 +115,23 @@ async fn with_partition_ancestors(
 fn dump_pattern(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
+
+/// The job's snapshot died with the sender that held it: export a new one here, hold it, and
+/// report it. Chunks done so far keep the snapshot they were read under (the ledger records
+/// it); the job's status says it is no longer consistent as of one snapshot.
+pub async fn resnapshot(shared: &Arc<Shared>, task: pb::SnapshotTask) -> anyhow::Result<()> {
+    let holder = SnapshotHolder::open(&shared.config.source, &task.job_id).await?;
+    let snapshot_id = holder.snapshot_id.clone();
+    shared.hold_snapshot(&task.job_id, holder).await;
+    tracing::warn!(job = %task.job_id, snapshot = %snapshot_id, "exported a new snapshot for the remaining chunks");
+    shared
+        .peers
+        .coordinator()
+        .report_snapshot(pb::SnapshotReport {
+            job_id: task.job_id,
+            snapshot_id,
+        })
+        .await
+        .map_err(|s| from_status(s, "coordinator refused the new snapshot"))?;
+    Ok(())
+}

@@ -59,10 +59,19 @@ impl SnapshotReader {
             ))
             .await
             .map_err(|e| {
-                anyhow::anyhow!(
+                let line = format!(
                     "import snapshot {snapshot_id} on source: {} (the sender holding it may have stopped)",
                     haul_core::pg::db_error_line(&e)
-                )
+                );
+                // 22023: "invalid snapshot identifier": the exporting transaction is gone.
+                if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) {
+                    anyhow::Error::new(SnapshotGone {
+                        snapshot_id: snapshot_id.to_string(),
+                        message: line,
+                    })
+                } else {
+                    anyhow::anyhow!(line)
+                }
             })?;
         Ok(SnapshotReader {
             client,
@@ -71,3 +80,19 @@ impl SnapshotReader {
         })
     }
 }
+
+/// The job's snapshot can no longer be imported: the transaction that exported it has ended
+/// (its sender restarted). The coordinator has a new one exported; the chunk is not at fault.
+#[derive(Debug)]
+pub struct SnapshotGone {
+    pub snapshot_id: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for SnapshotGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SnapshotGone {}

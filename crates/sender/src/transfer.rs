@@ -35,6 +35,8 @@ pub struct Outcome {
     pub wire_bytes: u64,
     pub digest: Vec<u8>,
     pub already_applied: bool,
+    /// The snapshot the applied rows were read under (the ledger's word for re-applied chunks).
+    pub snapshot_id: String,
 }
 
 pub async fn run(
@@ -72,6 +74,7 @@ pub async fn run(
                 wire_bytes: 0,
                 digest: vec![],
                 already_applied: true,
+                snapshot_id: begin.snapshot_id,
             });
         }
     }
@@ -95,6 +98,7 @@ pub async fn run(
             table: lease.table.clone(),
             columns: lease.columns.clone(),
             codec: codec.to_wire().0 as i32,
+            snapshot_id: lease.snapshot_id.clone(),
         })),
     };
     let started = Instant::now();
@@ -163,6 +167,7 @@ pub async fn run(
         wire_bytes,
         digest: digest.as_bytes().to_vec(),
         already_applied: receipt.already_applied,
+        snapshot_id: receipt.snapshot_id,
     })
 }
 

@@ -40,6 +40,9 @@ pub struct Shared {
     /// Snapshots this sender exported, by job. Held until the job is finalized.
     snapshots: Mutex<HashMap<String, Arc<SnapshotHolder>>>,
     agent_id: RwLock<String>,
+    /// This process's incarnation: tells the coordinator when a sender of the same name is a new
+    /// process that holds none of its predecessor's leases or snapshots.
+    incarnation: String,
 }
 
 impl Shared {
@@ -53,6 +56,14 @@ impl Shared {
             limiter_slot: RwLock::new(None),
             snapshots: Mutex::new(HashMap::new()),
             agent_id: RwLock::new(String::new()),
+            incarnation: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+            ),
         })
     }
 
@@ -92,6 +103,7 @@ impl Shared {
                 name: self.config.name.clone(),
                 advertise: String::new(),
                 slots: self.config.slots as u32,
+                incarnation: self.incarnation.clone(),
             };
             match self.peers.coordinator().register(req).await {
                 Ok(r) => {
@@ -203,6 +215,7 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             wire_bytes: out.wire_bytes,
                             digest: out.digest,
                             already_applied: out.already_applied,
+                            snapshot_id: out.snapshot_id,
                         };
                         if let Err(s) = shared.peers.coordinator().report_chunk(report).await {
                             tracing::warn!(
@@ -225,6 +238,12 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                         )
                         .await;
                     }
+                }
+            }
+            Some(pb::sender_task::Task::Snapshot(t)) => {
+                let job = t.job_id.clone();
+                if let Err(e) = plan::resnapshot(&shared, t).await {
+                    report_failure(&shared, "export a new snapshot for", &job, 0, 0, e).await;
                 }
             }
             Some(pb::sender_task::Task::Finalize(f)) => {
@@ -252,12 +271,18 @@ async fn report_failure(
     } else {
         tracing::warn!("failed to {what} {chunk_id} of {job_id}: {message}");
     }
+    let lost_snapshot = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<crate::snapshot::SnapshotGone>())
+        .map(|g| g.snapshot_id.clone())
+        .unwrap_or_default();
     let report = pb::FailureReport {
         job_id: job_id.to_string(),
         chunk_id,
         epoch,
         message,
         fatal: fatal.is_some(),
+        lost_snapshot,
     };
     if let Err(s) = shared.peers.coordinator().report_failure(report).await {
         tracing::warn!("failed to report failure to coordinator: {}", s.message());
