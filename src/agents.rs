@@ -70,7 +70,7 @@ pub async fn coordinator(a: CoordinatorArgs, shutdown: CancellationToken) -> any
         Some(s) => humantime::parse_duration(&s).map_err(|e| {
             haul_core::status::fatal(format!("--lease-timeout {s:?}: {e}; use e.g. 30m or 90s"))
         })?,
-        None => Duration::from_secs(30 * 60),
+        None => Duration::from_secs(60),
     };
     if a.http.is_some() {
         tracing::warn!(

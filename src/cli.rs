@@ -92,7 +92,7 @@ pub struct CoordinatorArgs {
     /// Reserved for the web dashboard (not served yet).
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
-    /// A chunk lease not reported within this long goes to another sender, e.g. 30m.
+    /// A chunk lease not renewed within this long goes to another sender, e.g. 60s (the default).
     #[arg(long, value_name = "DURATION")]
     pub lease_timeout: Option<String>,
 }

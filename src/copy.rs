@@ -62,7 +62,7 @@ pub async fn run(a: CopyArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
         let cfg = haul_coordinator::CoordinatorConfig {
             state_dir: dir.join("coordinator"),
             tls: load_tls(&certs, Role::Coordinator, "coordinator")?,
-            lease_timeout: Duration::from_secs(30 * 60),
+            lease_timeout: Duration::from_secs(60),
         };
         let token = agents.clone();
         tasks.spawn(async move {

@@ -171,6 +171,14 @@ impl Move {
             self.receiver.log_text(),
             self.sender.log_text()
         );
+        if std::env::var_os("HAUL_TEST_LOGS").is_some() {
+            eprintln!(
+                "coordinator:\n{}\nreceiver:\n{}\nsender:\n{}",
+                self.coordinator.log_text(),
+                self.receiver.log_text(),
+                self.sender.log_text()
+            );
+        }
         let diffs = compare_databases(&self.source.url("rich"), &self.target.url("rich"))?;
         anyhow::ensure!(
             diffs.is_empty(),

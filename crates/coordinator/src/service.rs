@@ -32,6 +32,9 @@ struct Agent {
 
 pub struct State {
     jobs: Vec<Job>,
+    /// This run's generation in the high 32 bits: every epoch leased now is above any epoch
+    /// leased by an earlier run of the coordinator.
+    epoch_base: u64,
     agents: HashMap<String, Agent>,
     next_receiver: usize,
 }
@@ -52,11 +55,14 @@ pub struct CoordinatorService {
 impl Inner {
     pub fn new(store: Store, lease_timeout: Duration) -> anyhow::Result<Inner> {
         let mut jobs = store.load()?;
-        // Leases from a previous run are void: their holders will ask again.
+        let generation = store.next_generation()?;
+        // Leases from a previous run stand, with a fresh timeout: a holder that is still alive
+        // renews them and its transfer can still commit; a dead one's expire.
+        let now = now_ms();
         for j in &mut jobs {
             for c in &mut j.chunks {
-                if matches!(c.state, ChunkState::Leased { .. }) {
-                    c.state = ChunkState::Pending;
+                if let ChunkState::Leased { since_unix_ms, .. } = &mut c.state {
+                    *since_unix_ms = now;
                 }
             }
             if j.record.phase == Phase::Planning {
@@ -69,6 +75,7 @@ impl Inner {
             store,
             state: Mutex::new(State {
                 jobs,
+                epoch_base: generation << 32,
                 agents: HashMap::new(),
                 next_receiver: 0,
             }),
@@ -156,7 +163,7 @@ impl State {
                         else {
                             continue;
                         };
-                        c.epoch += 1;
+                        c.epoch = (c.epoch + 1).max(self.epoch_base);
                         c.state = ChunkState::Leased {
                             agent: agent.to_string(),
                             since_unix_ms: now_ms(),
@@ -173,6 +180,7 @@ impl State {
                             receiver_addr: receiver,
                             options: Some(j.record.options.to_wire()),
                             est_bytes: c.est_bytes,
+                            renew_ms: (lease_timeout.as_millis() / 4).clamp(200, 15_000) as u32,
                         }));
                     }
                     if j.record.phase == Phase::Finalizing
@@ -292,6 +300,21 @@ impl Coordinator for CoordinatorService {
                     None => return Err(Status::not_found("unknown agent: register first")),
                 }
                 if let Some(task) = st.next_task(&id, self.inner.lease_timeout) {
+                    if let pb::sender_task::Task::Chunk(l) = &task {
+                        // Written down (not flushed: a lost lease only means a re-lease) so a
+                        // restarted coordinator still knows who holds what.
+                        let chunk = st
+                            .jobs
+                            .iter()
+                            .find(|j| j.record.id == l.job_id)
+                            .and_then(|j| j.chunks.iter().find(|c| c.id == l.chunk_id).cloned());
+                        if let Some(c) = chunk {
+                            self.inner
+                                .store
+                                .put_chunk(&l.job_id, &c)
+                                .map_err(to_status)?;
+                        }
+                    }
                     return Ok(Response::new(pb::SenderTask { task: Some(task) }));
                 }
             }
@@ -491,6 +514,90 @@ impl Coordinator for CoordinatorService {
         self.inner.store.flush().await.map_err(to_status)?;
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn renew_leases(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::RenewReply>, Status> {
+        let who = haul_certs::require(&req, &[Role::Sender])?;
+        let id = agent_id(who.role, &who.name);
+        let r = req.into_inner();
+        let now = now_ms();
+        let mut revoked = Vec::new();
+        let mut st = self.inner.state.lock().await;
+        if let Some(a) = st.agents.get_mut(&id) {
+            a.last_seen_ms = now;
+        }
+        // The renewal lists every lease the sender holds. An older lease of its that the list
+        // omits (its completion was lost in a coordinator crash, say) is released now rather
+        // than after the timeout; the 2 s margin covers leases granted while this was in flight.
+        let listed: std::collections::HashSet<(String, u64)> = r
+            .leases
+            .iter()
+            .map(|l| (l.job_id.clone(), l.chunk_id))
+            .collect();
+        for j in st.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+            let job_id = j.record.id.clone();
+            for c in &mut j.chunks {
+                let stale = matches!(&c.state, ChunkState::Leased { agent, since_unix_ms }
+                    if *agent == id && *since_unix_ms + 2000 < now && !listed.contains(&(job_id.clone(), c.id)));
+                if stale {
+                    c.state = ChunkState::Pending;
+                }
+            }
+        }
+        for l in r.leases {
+            let held = st
+                .jobs
+                .iter_mut()
+                .find(|j| j.record.id == l.job_id)
+                .and_then(|j| j.chunks.iter_mut().find(|c| c.id == l.chunk_id))
+                .filter(|c| c.epoch == l.epoch)
+                .and_then(|c| match &mut c.state {
+                    ChunkState::Leased {
+                        agent,
+                        since_unix_ms,
+                    } if *agent == id => {
+                        *since_unix_ms = now;
+                        Some(())
+                    }
+                    _ => None,
+                });
+            if held.is_none() {
+                revoked.push(l);
+            }
+        }
+        Ok(Response::new(pb::RenewReply { revoked }))
+    }
+
+    async fn check_lease(
+        &self,
+        req: Request<pb::LeaseRef>,
+    ) -> Result<Response<pb::LeaseCheck>, Status> {
+        haul_certs::require(&req, &[Role::Receiver])?;
+        let l = req.into_inner();
+        let st = self.inner.state.lock().await;
+        let chunk = st
+            .jobs
+            .iter()
+            .find(|j| j.record.id == l.job_id)
+            .and_then(|j| j.chunks.iter().find(|c| c.id == l.chunk_id));
+        let (current, reason) = match chunk {
+            None => (false, "no such chunk".to_string()),
+            Some(c) if c.epoch > l.epoch => (
+                false,
+                format!("lease epoch {} was superseded by {}", l.epoch, c.epoch),
+            ),
+            Some(c) if c.epoch != l.epoch => (
+                false,
+                "the coordinator restarted without a record of this lease; the chunk goes out again"
+                    .to_string(),
+            ),
+            Some(c) if matches!(c.state, ChunkState::Leased { .. }) => (true, String::new()),
+            Some(_) => (false, "the lease is no longer held".to_string()),
+        };
+        Ok(Response::new(pb::LeaseCheck { current, reason }))
     }
 
     async fn report_failure(

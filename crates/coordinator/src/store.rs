@@ -60,6 +60,25 @@ impl Store {
         })
     }
 
+    /// Count this start of the coordinator, durably. Lease epochs carry it in their high bits,
+    /// so an epoch handed out after a restart is above every epoch handed out before it, even
+    /// those the crash kept from being written down.
+    pub fn next_generation(&self) -> anyhow::Result<u64> {
+        let old = self
+            .db
+            .get("generation")
+            .context("read generation")?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        let next = old + 1;
+        self.db
+            .insert("generation", &next.to_be_bytes())
+            .context("write generation")?;
+        self.db.flush().context("flush generation")?;
+        Ok(next)
+    }
+
     pub fn next_job_number(&self) -> anyhow::Result<u64> {
         self.db.generate_id().context("generate job id")
     }

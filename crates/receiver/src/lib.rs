@@ -67,6 +67,11 @@ pub async fn run(
         pool: pool::Pool::new(config.target.clone(), config.slots),
         spool: spool::Spool::open(&config.spool_dir)?,
         replica_role,
+        fence: pb::coordinator_client::CoordinatorClient::new(haul_certs::connect_lazy(
+            &config.coordinator,
+            &config.tls,
+            Role::Coordinator,
+        )?),
         config: config.clone(),
     });
     let svc = pb::receiver_server::ReceiverServer::new(service::ReceiverService { inner })

@@ -12,7 +12,10 @@ use haul_core::chunk::Column;
 use haul_core::codec::Codec;
 use haul_core::ident::{quote_ident, quote_literal, TableName};
 use haul_core::status::fatal;
+use haul_proto as pb;
+use haul_proto::coordinator_client::CoordinatorClient;
 use tokio_postgres::SimpleQueryMessage;
+use tonic::transport::Channel;
 
 use crate::pool::Pooled;
 use crate::spool::SpoolReader;
@@ -28,6 +31,8 @@ pub struct Restore<'a> {
     pub raw_bytes: u64,
     /// The snapshot the sender read the rows under, recorded in the ledger.
     pub snapshot_id: &'a str,
+    /// The coordinator, asked whether the lease is still current just before commit.
+    pub fence: Option<CoordinatorClient<Channel>>,
     pub spool: &'a std::path::Path,
     /// Load with `session_replication_role = replica`: triggers and FK checks do not fire.
     pub replica_role: bool,
@@ -144,6 +149,11 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             _ => anyhow::anyhow!(line),
         }
     })?;
+    // Fencing: a sender whose lease expired or went to another sender must not commit, even
+    // if its bytes are good. Asked last, so the answer is as fresh as it can be.
+    if let Some(fence) = r.fence.clone() {
+        check_lease(fence, r).await?;
+    }
     let finish = format!(
         "UPDATE haul.ledger SET rows = {rows} WHERE job_id = {} AND chunk_id = {}; COMMIT",
         quote_literal(r.job_id),
@@ -159,3 +169,39 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
     })?;
     Ok(Applied::Now { rows })
 }
+
+async fn check_lease(mut fence: CoordinatorClient<Channel>, r: &Restore<'_>) -> anyhow::Result<()> {
+    let check = fence
+        .check_lease(pb::LeaseRef {
+            job_id: r.job_id.to_string(),
+            chunk_id: r.chunk_id,
+            epoch: r.epoch,
+        })
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "ask the coordinator whether the lease is current: {}",
+                s.message()
+            )
+        })?
+        .into_inner();
+    if !check.current {
+        return Err(anyhow::Error::new(LeaseLost(format!(
+            "chunk {} of {} not committed: its lease is no longer current ({})",
+            r.chunk_id, r.table, check.reason
+        ))));
+    }
+    Ok(())
+}
+
+/// The sender's lease was superseded: retrying this restore can never succeed.
+#[derive(Debug)]
+pub struct LeaseLost(pub String);
+
+impl std::fmt::Display for LeaseLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LeaseLost {}

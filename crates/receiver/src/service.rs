@@ -12,13 +12,24 @@ use haul_core::ident::TableName;
 use haul_core::schema_script::Script;
 use haul_core::status::to_status;
 use haul_proto as pb;
+use haul_proto::coordinator_client::CoordinatorClient;
 use haul_proto::receiver_server::Receiver;
 use tokio::io::AsyncWriteExt;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::restore::{self, Applied, Restore};
 use crate::spool::{self, Spool};
 use crate::{ledger, pool::Pool, schema, ReceiverConfig};
+
+/// Restores retried from the spool before the chunk is given up. A target that restarts, or a
+/// coordinator that must be asked about the lease and is restarting, costs waiting, not a
+/// re-send over the link: with the backoff below this is about a minute and a half.
+const RESTORE_ATTEMPTS: u32 = 20;
+
+fn restore_backoff(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis((250u64 << attempt.min(5)).min(5_000))
+}
 
 pub struct Inner {
     pub config: ReceiverConfig,
@@ -27,6 +38,8 @@ pub struct Inner {
     /// Whether the target user may set session_replication_role (superuser), so triggers and
     /// foreign keys stay quiet during the load even when the schema already existed.
     pub replica_role: bool,
+    /// The coordinator, for fencing: asked whether a lease is current before each commit.
+    pub fence: CoordinatorClient<Channel>,
 }
 
 #[derive(Clone)]
@@ -190,6 +203,7 @@ impl ReceiverService {
             spool: &path,
             replica_role: self.inner.replica_role,
             snapshot_id: &header.snapshot_id,
+            fence: Some(self.inner.fence.clone()),
         };
         // A target hiccup is retried from the spool, never by asking for the bytes again.
         let mut attempt = 0;
@@ -202,11 +216,17 @@ impl ReceiverService {
             };
             match result {
                 Ok(a) => break a,
-                Err(e) if haul_core::status::fatal_message(&e).is_some() || attempt >= 5 => {
+                Err(e)
+                    if haul_core::status::fatal_message(&e).is_some()
+                        || attempt >= RESTORE_ATTEMPTS =>
+                {
                     self.inner.spool.remove(&path).await;
                     return Err(e);
                 }
-                Err(e) if format!("{e:#}").contains("changed on disk") => {
+                Err(e)
+                    if format!("{e:#}").contains("changed on disk")
+                        || e.downcast_ref::<restore::LeaseLost>().is_some() =>
+                {
                     self.inner.spool.remove(&path).await;
                     return Err(e);
                 }
@@ -216,7 +236,7 @@ impl ReceiverService {
                         attempt,
                         "failed to restore, retrying from spool: {e:#}"
                     );
-                    tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                    tokio::time::sleep(restore_backoff(attempt)).await;
                 }
             }
         };

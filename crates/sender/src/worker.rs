@@ -43,6 +43,15 @@ pub struct Shared {
     /// This process's incarnation: tells the coordinator when a sender of the same name is a new
     /// process that holds none of its predecessor's leases or snapshots.
     incarnation: String,
+    /// Leases this sender's workers hold right now, renewed by the heartbeat. A revoked lease's
+    /// token is cancelled, which aborts its transfer: the chunk belongs to someone else now.
+    leases: std::sync::Mutex<HashMap<(String, u64), Held>>,
+}
+
+struct Held {
+    epoch: u64,
+    renew_ms: u32,
+    revoked: CancellationToken,
 }
 
 impl Shared {
@@ -56,6 +65,7 @@ impl Shared {
             limiter_slot: RwLock::new(None),
             snapshots: Mutex::new(HashMap::new()),
             agent_id: RwLock::new(String::new()),
+            leases: std::sync::Mutex::new(HashMap::new()),
             incarnation: format!(
                 "{}-{}",
                 std::process::id(),
@@ -134,6 +144,10 @@ pub async fn run(shared: Arc<Shared>, shutdown: CancellationToken) -> anyhow::Re
         return Ok(());
     }
     let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        tasks.spawn(async move { heartbeat(shared, shutdown).await });
+    }
     for worker in 0..shared.config.slots.max(1) {
         let shared = shared.clone();
         let shutdown = shutdown.clone();
@@ -203,7 +217,28 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 let limiter = shared
                     .limiter_for(lease.options.as_ref().map_or(0, |o| o.bwlimit_bytes))
                     .await;
-                let result = transfer::run(&shared, &mut reader, &lease, &limiter).await;
+                let key = (lease.job_id.clone(), lease.chunk_id);
+                let revoked = CancellationToken::new();
+                if let Ok(mut held) = shared.leases.lock() {
+                    held.insert(
+                        key.clone(),
+                        Held {
+                            epoch: lease.epoch,
+                            renew_ms: lease.renew_ms,
+                            revoked: revoked.clone(),
+                        },
+                    );
+                }
+                let result = tokio::select! {
+                    r = transfer::run(&shared, &mut reader, &lease, &limiter) => r,
+                    _ = revoked.cancelled() => Err(anyhow::anyhow!(
+                        "lease on chunk {} was revoked (it expired or went to another sender); stopped sending it",
+                        lease.chunk_id
+                    )),
+                };
+                if let Ok(mut held) = shared.leases.lock() {
+                    held.remove(&key);
+                }
                 match result {
                     Ok(out) => {
                         let report = pb::ChunkReport {
@@ -217,13 +252,12 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             already_applied: out.already_applied,
                             snapshot_id: out.snapshot_id,
                         };
-                        if let Err(s) = shared.peers.coordinator().report_chunk(report).await {
-                            tracing::warn!(
-                                chunk = lease.chunk_id,
-                                "failed to report chunk: {}",
-                                s.message()
-                            );
-                        }
+                        deliver("report chunk", || {
+                            let mut c = shared.peers.coordinator();
+                            let report = report.clone();
+                            async move { c.report_chunk(report).await.map(|_| ()) }
+                        })
+                        .await;
                     }
                     Err(e) => {
                         // The reader's transaction may be unusable now; open a fresh one next time.
@@ -284,7 +318,87 @@ async fn report_failure(
         fatal: fatal.is_some(),
         lost_snapshot,
     };
-    if let Err(s) = shared.peers.coordinator().report_failure(report).await {
-        tracing::warn!("failed to report failure to coordinator: {}", s.message());
+    deliver("report failure", || {
+        let mut c = shared.peers.coordinator();
+        let report = report.clone();
+        async move { c.report_failure(report).await.map(|_| ()) }
+    })
+    .await;
+}
+
+/// Renew every lease this sender holds, a few times per lease timeout, and abort the transfers
+/// of leases the coordinator says are no longer ours.
+async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) {
+    loop {
+        let (leases, every) = match shared.leases.lock() {
+            Ok(held) => (
+                held.iter()
+                    .map(|((job, chunk), h)| pb::LeaseRef {
+                        job_id: job.clone(),
+                        chunk_id: *chunk,
+                        epoch: h.epoch,
+                    })
+                    .collect::<Vec<_>>(),
+                held.values()
+                    .map(|h| h.renew_ms)
+                    .filter(|&ms| ms > 0)
+                    .min()
+                    .unwrap_or(1000),
+            ),
+            Err(_) => (Vec::new(), 1000),
+        };
+        // Sent even when empty: the list is also how the coordinator learns what we do not hold.
+        if !shared.agent_id.read().await.is_empty() {
+            match shared
+                .peers
+                .coordinator()
+                .renew_leases(pb::RenewRequest { leases })
+                .await
+            {
+                Ok(reply) => {
+                    if let Ok(held) = shared.leases.lock() {
+                        for r in reply.into_inner().revoked {
+                            if let Some(h) = held.get(&(r.job_id.clone(), r.chunk_id)) {
+                                if h.epoch == r.epoch {
+                                    h.revoked.cancel();
+                                }
+                            }
+                        }
+                    }
+                }
+                // The coordinator is away: keep working; it will renew or revoke when it is back.
+                Err(s) => tracing::debug!("lease renewal failed: {}", s.message()),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(every as u64)) => {}
+        }
+    }
+}
+
+/// Deliver a report to the coordinator, retrying with backoff for about half a minute: a
+/// report lost while the coordinator restarts would leave its lease to time out instead.
+async fn deliver<F, Fut>(what: &str, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let mut wait = Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Ok(()) => return,
+            Err(s)
+                if tokio::time::Instant::now() >= deadline || s.code() == tonic::Code::NotFound =>
+            {
+                tracing::warn!("failed to {what}: {}", s.message());
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(3));
+            }
+        }
     }
 }
