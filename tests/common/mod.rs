@@ -28,4 +28,6 @@ pub fn load_rich(cluster: &Cluster, db: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub mod link;
+pub mod moves;
 pub mod procs;

@@ -272,10 +272,16 @@ impl Job {
         let cutoff = now.saturating_sub(timeout.as_millis() as u64);
         let mut n = 0;
         for c in &mut self.chunks {
-            if matches!(c.state, ChunkState::Leased { since_unix_ms, .. } if since_unix_ms < cutoff)
+            if let ChunkState::Leased {
+                agent,
+                since_unix_ms,
+            } = &c.state
             {
-                c.state = ChunkState::Pending;
-                n += 1;
+                if *since_unix_ms < cutoff {
+                    tracing::warn!(job = %self.record.id, chunk = c.id, %agent, "lease expired (not renewed); the chunk goes out again");
+                    c.state = ChunkState::Pending;
+                    n += 1;
+                }
             }
         }
         n

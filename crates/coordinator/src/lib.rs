@@ -41,7 +41,13 @@ pub async fn run(
     .max_decoding_message_size(64 << 20)
     .max_encoding_message_size(64 << 20);
     let routes = tonic::service::Routes::new(svc);
-    let served = haul_certs::serve(routes, listener, &config.tls, shutdown).await;
+    let expiry = {
+        let (inner, shutdown) = (inner.clone(), shutdown.clone());
+        tokio::spawn(async move { inner.expire_loop(shutdown).await })
+    };
+    let served = haul_certs::serve(routes, listener, &config.tls, shutdown.clone()).await;
+    shutdown.cancel();
+    let _ = expiry.await;
     inner.store.flush().await?;
     served
 }

@@ -53,6 +53,32 @@ pub struct CoordinatorService {
 }
 
 impl Inner {
+    /// Expire leases that were not renewed in time, once a second, whoever is polling. Why a
+    /// ticker: a sender that cannot reach us (stalled link) also cannot poll, so expiry must not
+    /// depend on polls.
+    pub async fn expire_loop(&self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            let mut expired = 0;
+            {
+                let mut st = self.state.lock().await;
+                for j in st
+                    .jobs
+                    .iter_mut()
+                    .filter(|j| j.record.phase == Phase::Copying)
+                {
+                    expired += j.expire_leases(self.lease_timeout);
+                }
+            }
+            if expired > 0 {
+                self.work.notify_waiters();
+            }
+        }
+    }
+
     pub fn new(store: Store, lease_timeout: Duration) -> anyhow::Result<Inner> {
         let mut jobs = store.load()?;
         let generation = store.next_generation()?;
@@ -577,7 +603,11 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::LeaseCheck>, Status> {
         haul_certs::require(&req, &[Role::Receiver])?;
         let l = req.into_inner();
-        let st = self.inner.state.lock().await;
+        let mut st = self.inner.state.lock().await;
+        if let Ok(job) = st.job_mut(&l.job_id) {
+            job.expiry_checked_ms = 0;
+            job.expire_leases(self.inner.lease_timeout);
+        }
         let chunk = st
             .jobs
             .iter()

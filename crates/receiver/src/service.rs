@@ -180,7 +180,10 @@ impl ReceiverService {
             .map(Column::from_wire)
             .collect::<anyhow::Result<_>>()?;
         let codec = Codec::from_wire(header.codec, 0)?;
-        let path = self.inner.spool.chunk_path(&header.job_id, header.chunk_id);
+        let path = self
+            .inner
+            .spool
+            .chunk_path(&header.job_id, header.chunk_id, header.epoch);
 
         let received = self.receive(&mut frames, codec, &path).await;
         let (raw_bytes, digest) = match received {
@@ -223,9 +226,14 @@ impl ReceiverService {
                     self.inner.spool.remove(&path).await;
                     return Err(e);
                 }
+                // Retrying cannot help: the spool changed or vanished, or the lease moved on.
                 Err(e)
                     if format!("{e:#}").contains("changed on disk")
-                        || e.downcast_ref::<restore::LeaseLost>().is_some() =>
+                        || e.downcast_ref::<restore::LeaseLost>().is_some()
+                        || e.chain().any(|c| {
+                            c.downcast_ref::<std::io::Error>()
+                                .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+                        }) =>
                 {
                     self.inner.spool.remove(&path).await;
                     return Err(e);

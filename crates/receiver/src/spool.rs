@@ -41,8 +41,11 @@ impl Spool {
         self.dir.join(safe)
     }
 
-    pub fn chunk_path(&self, job_id: &str, chunk_id: u64) -> PathBuf {
-        self.job_dir(job_id).join(format!("chunk-{chunk_id}.spool"))
+    /// One file per lease: a superseded stream of the same chunk may still be arriving (or
+    /// cleaning up) while its successor spools, and they must not share a file.
+    pub fn chunk_path(&self, job_id: &str, chunk_id: u64, epoch: u64) -> PathBuf {
+        self.job_dir(job_id)
+            .join(format!("chunk-{chunk_id}-{epoch}.spool"))
     }
 
     pub fn schema_path(&self, job_id: &str, section: &str) -> PathBuf {
