@@ -76,6 +76,14 @@ pub enum CertsCommand {
         #[arg(long, default_value_t = haul_certs::DEFAULT_DAYS)]
         days: u32,
     },
+    /// Revoke the certificate DIR/NAME.pem: add it to the CA's revocation list DIR/crl.pem.
+    Revoke {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A role (sender, receiver, …) or a name given to `haul certs issue`.
+        #[arg(long)]
+        name: String,
+    },
 }
 
 #[derive(Args, Debug, Default)]

@@ -106,6 +106,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Certs(CertsCommand::Revoke { dir, name }) => {
+            let path = haul_certs::revoke(&dir, &name)?;
+            println!(
+                "revoked {name}; wrote {} (agents pick it up within {} seconds)",
+                path.display(),
+                haul_certs::RELOAD_INTERVAL.as_secs()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Coordinator(a) => agents::coordinator(a, shutdown)
             .await
             .map(|_| ExitCode::SUCCESS),

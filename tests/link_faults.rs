@@ -37,6 +37,7 @@ fn stall_longer_than_the_lease_timeout() -> anyhow::Result<()> {
         link_to_receiver: true,
         link_to_coordinator: true,
         lease_timeout: Some("3s"),
+        ..Default::default()
     })?;
     let (to_coordinator, to_receiver) = (
         m.to_coordinator.as_ref().expect("link"),

@@ -47,6 +47,8 @@ pub struct Setup {
     /// A link between the sender and the coordinator (the receiver talks to it directly).
     pub link_to_coordinator: bool,
     pub lease_timeout: Option<&'static str>,
+    /// Where the receiver spools (default: inside the move's temp dir).
+    pub spool: Option<std::path::PathBuf>,
 }
 
 /// Two clusters with the rich fixture, a CA, and the three roles as processes, with a job
@@ -98,7 +100,11 @@ impl Move {
         let sender_coord = to_coordinator
             .as_ref()
             .map_or(coord.clone(), |l| l.addr.clone());
-        let (cstate, rstate, sstate, spool) = (d("cstate"), d("rstate"), d("sstate"), d("spool"));
+        let (cstate, rstate, sstate) = (d("cstate"), d("rstate"), d("sstate"));
+        let spool = setup
+            .spool
+            .as_ref()
+            .map_or_else(|| d("spool"), |p| p.display().to_string());
         let (source_url, target_url) = (source.url("rich"), target.url("rich"));
         let mut cargs = vec!["--listen", &coord, "--state", &cstate, "--certs", &certs];
         if let Some(t) = setup.lease_timeout {

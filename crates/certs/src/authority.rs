@@ -11,6 +11,12 @@
 //! forgotten certificate fails loudly at `Mtls::load` rather than lingering.
 //! Files are never overwritten silently: replacing `ca.key` would orphan every
 //! certificate already handed out.
+//!
+//! `revoke` withdraws one certificate before it expires (a lost laptop, a
+//! decommissioned agent): it appends the certificate's serial to `crl.pem`, a
+//! revocation list signed by `ca.key`, and re-signs the whole list. Agents read
+//! `crl.pem` from beside their `ca.pem` (see [`crate::Mtls`]), so distributing
+//! it is the same job as distributing `ca.pem`.
 
 use std::fs;
 use std::io::Write;
@@ -19,12 +25,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
+use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
-use crate::role::{Identity, Role};
+use crate::role::{validate_name, Identity, Role};
 
 /// Default validity of agent certificates, in days.
 pub const DEFAULT_DAYS: u32 = 90;
@@ -119,12 +127,23 @@ pub fn init(dir: &Path, opts: &InitOptions) -> anyhow::Result<()> {
     let not_after = now + Duration::days(i64::from(opts.days));
     for role in Role::ALL {
         let identity = Identity::new(role, role.as_str())?;
-        let (cert, key) = leaf(&identity, &hosts, now, not_after, &issuer)?;
+        let (cert, key) = leaf(&identity, &hosts, now - BACKDATE, not_after, &issuer)?;
         files.push((dir.join(format!("{role}.pem")), cert, Mode::Public));
         files.push((dir.join(format!("{role}.key")), key, Mode::Secret));
     }
     for (path, contents, mode) in files {
         write_file(&path, contents.as_bytes(), mode, opts.force)?;
+    }
+    // A revocation list belongs to the CA just replaced; its serials mean
+    // nothing to the new one.
+    let crl = dir.join(CRL_FILE);
+    match fs::remove_file(&crl) {
+        Ok(()) => tracing::info!(
+            "removed {}, which belonged to the replaced CA",
+            crl.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot remove the old CA's {}: {e}", crl.display()),
     }
     Ok(())
 }
@@ -140,63 +159,275 @@ pub fn issue(
     days: u32,
 ) -> anyhow::Result<PathBuf> {
     check_days(days)?;
-    let identity = Identity::new(role, name)?;
-    if name == "ca" {
-        bail!("agent name \"ca\" is reserved for the CA's own files");
-    }
-    let hosts = host_sans(hosts)?;
-    let cert_path = dir.join(format!("{name}.pem"));
-    let key_path = dir.join(format!("{name}.key"));
-    for path in [&cert_path, &key_path] {
-        if path.exists() {
-            bail!(
-                "{} already exists; pick another --name or remove the old certificate first",
-                path.display()
-            );
-        }
-    }
-
-    let ca_cert_path = dir.join("ca.pem");
-    let ca_key_path = dir.join("ca.key");
-    let ca_pem = read_text(&ca_cert_path, dir)?;
-    let ca_key_pem = read_text(&ca_key_path, dir)?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .map_err(|e| anyhow!("{} is not a usable private key: {e}", ca_key_path.display()))?;
-    let ca_not_after = ca_not_after(&ca_pem)
-        .with_context(|| format!("read CA certificate {}", ca_cert_path.display()))?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| {
-        anyhow!(
-            "{} is not a usable CA certificate: {e}",
-            ca_cert_path.display()
-        )
-    })?;
-
+    let target = Target::new(dir, role, name, hosts)?;
+    let ca = Ca::open(dir)?;
     let now = OffsetDateTime::now_utc();
-    if ca_not_after <= now {
+    if ca.not_after <= now {
         bail!(
             "the CA in {} expired on {}; make a new one with `haul certs init --dir {} --force` \
              and redistribute the certificates",
-            ca_cert_path.display(),
-            ca_not_after.date(),
+            ca.cert_path.display(),
+            ca.not_after.date(),
             dir.display()
         );
     }
     let wanted = now + Duration::days(i64::from(days));
     // A leaf that outlives its CA would only fail later and more confusingly.
-    let not_after = if wanted > ca_not_after {
+    let not_after = if wanted > ca.not_after {
         tracing::warn!(
-            "the CA expires on {}; the certificate for {identity} will expire then too",
-            ca_not_after.date()
+            "the CA expires on {}; the certificate for {} will expire then too",
+            ca.not_after.date(),
+            target.identity
         );
-        ca_not_after
+        ca.not_after
     } else {
         wanted
     };
+    target.write(&ca, now - BACKDATE, not_after)
+}
 
-    let (cert, key) = leaf(&identity, &hosts, now, not_after, &issuer)?;
-    write_file(&key_path, key.as_bytes(), Mode::Secret, false)?;
-    write_file(&cert_path, cert.as_bytes(), Mode::Public, false)?;
-    Ok(cert_path)
+/// Like [`issue`], but with an explicit validity window and no checks on it,
+/// so tests can make certificates that are already expired or not valid yet.
+/// Not for production use: `haul certs issue` is the supported way.
+#[doc(hidden)]
+pub fn issue_with_validity(
+    dir: &Path,
+    role: Role,
+    name: &str,
+    hosts: &[String],
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+) -> anyhow::Result<PathBuf> {
+    let target = Target::new(dir, role, name, hosts)?;
+    let ca = Ca::open(dir)?;
+    target.write(&ca, not_before.into(), not_after.into())
+}
+
+/// Revokes the certificate in `dir/<name>.pem` (a role such as `sender`, or a
+/// name given to `haul certs issue`) by adding its serial number to the CA's
+/// revocation list `dir/crl.pem`, which is created if needed and re-signed with
+/// `dir/ca.key`. Serials revoked earlier stay on the list. Returns the CRL path.
+///
+/// Agents that load their CA from `dir/ca.pem` read `dir/crl.pem` beside it and
+/// pick up a new list within [`crate::RELOAD_INTERVAL`] for new connections;
+/// copy `crl.pem` next to `ca.pem` on every other machine.
+pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    validate_name(name)?;
+    if name == "ca" {
+        bail!(
+            "the CA cannot revoke itself; make a new one with `haul certs init --dir {} --force`",
+            dir.display()
+        );
+    }
+    let cert_path = dir.join(format!("{name}.pem"));
+    if !cert_path.exists() && dir.join("ca.pem").exists() {
+        bail!(
+            "{} does not exist; pass a role (sender, receiver, …) or a name given to \
+             `haul certs issue --dir {}`",
+            cert_path.display(),
+            dir.display()
+        );
+    }
+    let cert_pem = read_text(&cert_path, dir)?;
+    let ca = Ca::open(dir)?;
+
+    let cert_der = first_pem_cert(&cert_pem)
+        .with_context(|| format!("read certificate {}", cert_path.display()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&cert_der)
+        .map_err(|e| anyhow!("{} is not a parsable certificate: {e}", cert_path.display()))?;
+    if cert.issuer().as_raw() != ca.subject_der.as_slice() {
+        bail!(
+            "{} was not issued by the CA in {}; revoke it with the CA that signed it",
+            cert_path.display(),
+            ca.cert_path.display()
+        );
+    }
+    let serial = SerialNumber::from_slice(cert.raw_serial());
+
+    let now = OffsetDateTime::now_utc();
+    let crl_path = dir.join(CRL_FILE);
+    let (mut revoked, crl_number) = read_crl(&crl_path, &ca)?;
+    if revoked.iter().any(|r| r.serial_number == serial) {
+        tracing::info!(
+            "{} is already revoked; re-signing {}",
+            cert_path.display(),
+            crl_path.display()
+        );
+    } else {
+        revoked.push(RevokedCertParams {
+            serial_number: serial,
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + CRL_NEXT_UPDATE,
+        crl_number,
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params
+        .signed_by(&ca.issuer)
+        .context("sign the revocation list")?;
+    let pem = crl.pem().context("encode the revocation list")?;
+    write_file(&crl_path, pem.as_bytes(), Mode::Public, true)?;
+    Ok(crl_path)
+}
+
+/// The revocation list's file name, beside `ca.pem`.
+pub(crate) const CRL_FILE: &str = "crl.pem";
+
+/// How far ahead a new CRL's `nextUpdate` lies. haul does not refuse peers when
+/// it passes (a forgotten refresh must not stop every move), but other tools
+/// reading the CRL may, and `revoke` re-signs the list each time.
+const CRL_NEXT_UPDATE: Duration = Duration::days(30);
+
+/// The entries of the existing CRL at `path` and the number the next one gets.
+/// A list signed by another CA (one replaced by `init --force`) is dropped:
+/// its serials name that CA's certificates.
+fn read_crl(path: &Path, ca: &Ca) -> anyhow::Result<(Vec<RevokedCertParams>, SerialNumber)> {
+    let pem = match fs::read(path) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Vec::new(), SerialNumber::from(1u64)))
+        }
+        Err(e) => bail!("cannot read {}: {e}", path.display()),
+    };
+    let der = rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| anyhow!("{} contains no PEM revocation list", path.display()))?
+        .map_err(|e| anyhow!("{} is not a valid PEM file: {e}", path.display()))?;
+    let (_, crl) = x509_parser::parse_x509_crl(&der)
+        .map_err(|e| anyhow!("{} is not a parsable revocation list: {e}", path.display()))?;
+    if crl.issuer().as_raw() != ca.subject_der.as_slice() {
+        tracing::warn!(
+            "{} was signed by another CA; starting a new list for {}",
+            path.display(),
+            ca.cert_path.display()
+        );
+        return Ok((Vec::new(), SerialNumber::from(1u64)));
+    }
+    let revoked = crl
+        .iter_revoked_certificates()
+        .map(|r| RevokedCertParams {
+            serial_number: SerialNumber::from_slice(r.raw_serial()),
+            revocation_time: r.revocation_date.to_datetime(),
+            reason_code: None,
+            invalidity_date: None,
+        })
+        .collect();
+    let next = crl
+        .crl_number()
+        .map(|n| increment(&n.to_bytes_be()))
+        .unwrap_or_else(|| vec![1]);
+    Ok((revoked, SerialNumber::from(next)))
+}
+
+/// `bytes` (big-endian, unsigned) plus one.
+fn increment(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for byte in out.iter_mut().rev() {
+        let (sum, carry) = byte.overflowing_add(1);
+        *byte = sum;
+        if !carry {
+            return out;
+        }
+    }
+    out.insert(0, 1);
+    out
+}
+
+/// Where a new agent certificate goes, checked before anything is signed.
+struct Target {
+    identity: Identity,
+    hosts: Vec<SanType>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+}
+
+impl Target {
+    fn new(dir: &Path, role: Role, name: &str, hosts: &[String]) -> anyhow::Result<Target> {
+        let identity = Identity::new(role, name)?;
+        if name == "ca" {
+            bail!("agent name \"ca\" is reserved for the CA's own files");
+        }
+        let hosts = host_sans(hosts)?;
+        let cert_path = dir.join(format!("{name}.pem"));
+        let key_path = dir.join(format!("{name}.key"));
+        for path in [&cert_path, &key_path] {
+            if path.exists() {
+                bail!(
+                    "{} already exists; pick another --name or remove the old certificate first",
+                    path.display()
+                );
+            }
+        }
+        Ok(Target {
+            identity,
+            hosts,
+            cert_path,
+            key_path,
+        })
+    }
+
+    fn write(
+        self,
+        ca: &Ca,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> anyhow::Result<PathBuf> {
+        let (cert, key) = leaf(
+            &self.identity,
+            &self.hosts,
+            not_before,
+            not_after,
+            &ca.issuer,
+        )?;
+        write_file(&self.key_path, key.as_bytes(), Mode::Secret, false)?;
+        write_file(&self.cert_path, cert.as_bytes(), Mode::Public, false)?;
+        Ok(self.cert_path)
+    }
+}
+
+/// The CA in a `haul certs` directory, ready to sign.
+struct Ca {
+    cert_path: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: OffsetDateTime,
+    /// The CA's subject name, DER, to recognise what it issued.
+    subject_der: Vec<u8>,
+}
+
+impl Ca {
+    fn open(dir: &Path) -> anyhow::Result<Ca> {
+        let cert_path = dir.join("ca.pem");
+        let key_path = dir.join("ca.key");
+        let ca_pem = read_text(&cert_path, dir)?;
+        let ca_key_pem = read_text(&key_path, dir)?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)
+            .map_err(|e| anyhow!("{} is not a usable private key: {e}", key_path.display()))?;
+        let der = first_pem_cert(&ca_pem)
+            .with_context(|| format!("read CA certificate {}", cert_path.display()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| anyhow!("{} is not a parsable certificate: {e}", cert_path.display()))?;
+        let not_after = cert.validity().not_after.to_datetime();
+        let subject_der = cert.subject().as_raw().to_vec();
+        let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| {
+            anyhow!(
+                "{} is not a usable CA certificate: {e}",
+                cert_path.display()
+            )
+        })?;
+        Ok(Ca {
+            cert_path,
+            issuer,
+            not_after,
+            subject_der,
+        })
+    }
 }
 
 fn check_days(days: u32) -> anyhow::Result<()> {
@@ -244,7 +475,7 @@ fn ca_params(
 fn leaf(
     identity: &Identity,
     hosts: &[SanType],
-    now: OffsetDateTime,
+    not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     issuer: &Issuer<'_, KeyPair>,
 ) -> anyhow::Result<(String, String)> {
@@ -267,7 +498,7 @@ fn leaf(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    params.not_before = now - BACKDATE;
+    params.not_before = not_before;
     params.not_after = not_after;
 
     let key = KeyPair::generate().with_context(|| format!("generate key for {identity}"))?;
@@ -334,16 +565,13 @@ fn default_hosts() -> Vec<String> {
     hosts
 }
 
-/// The CA certificate's expiry, from its PEM.
-fn ca_not_after(pem: &str) -> anyhow::Result<OffsetDateTime> {
-    let der = rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
+/// The first certificate in a PEM text, DER.
+fn first_pem_cert(pem: &str) -> anyhow::Result<rustls_pki_types::CertificateDer<'static>> {
+    rustls_pki_types::pem::PemObject::pem_slice_iter(pem.as_bytes())
         .next()
         .ok_or_else(|| anyhow!("no PEM certificate found"))?
         .map(|der: rustls_pki_types::CertificateDer<'static>| der)
-        .map_err(|e| anyhow!("cannot decode PEM: {e}"))?;
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(&der).map_err(|e| anyhow!("cannot parse: {e}"))?;
-    Ok(cert.validity().not_after.to_datetime())
+        .map_err(|e| anyhow!("cannot decode PEM: {e}"))
 }
 
 fn read_text(path: &Path, dir: &Path) -> anyhow::Result<String> {
@@ -451,6 +679,19 @@ mod tests {
         let hosts = default_hosts();
         for want in ["localhost", "127.0.0.1", "::1"] {
             assert!(hosts.iter().any(|h| h == want), "{want} missing");
+        }
+    }
+
+    #[test]
+    fn crl_numbers_count_up() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (&[], &[1]),
+            (&[1], &[2]),
+            (&[0x01, 0xff], &[0x02, 0x00]),
+            (&[0xff, 0xff], &[0x01, 0x00, 0x00]),
+        ];
+        for (from, want) in cases {
+            assert_eq!(increment(from), want.to_vec(), "{from:?}");
         }
     }
 

@@ -3,7 +3,9 @@
 //! tonic is given a connector (TCP connect, rustls handshake, ALPN h2) instead
 //! of its built-in TLS, so the server's certificate is checked against the haul
 //! CA, the dialed host *and* the role we meant to reach (see
-//! [`crate::verifier`]).
+//! [`crate::verifier`]). Every (re)connect takes the current client config
+//! from [`Mtls`], so renewed certificates and revocation lists apply to new
+//! connections of an existing channel.
 //!
 //! With TLS 1.3 the client finishes its handshake before the server has looked
 //! at the client certificate; a server that rejects us says so only in an alert
@@ -76,7 +78,7 @@ fn prepare(addr: &str, tls: &Mtls, expect: Role) -> anyhow::Result<(Endpoint, Di
         host,
         port,
         server_name,
-        connector: TlsConnector::from(tls.client_config(expect)),
+        tls: tls.clone(),
         expect,
     }));
     Ok((endpoint, dialer))
@@ -112,7 +114,9 @@ struct DialerInner {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    connector: TlsConnector,
+    /// Asked for its current client config on every (re)connect, so renewed
+    /// certificates and revocation lists apply to new connections.
+    tls: Mtls,
     expect: Role,
 }
 
@@ -151,8 +155,8 @@ impl DialerInner {
             .map_err(|e| DialError(describe_io(&e)))?;
         // Nagle only delays small gRPC frames (acks, headers); bulk data fills segments anyway.
         let _ = tcp.set_nodelay(true);
-        let mut tls = self
-            .connector
+        let connector = TlsConnector::from(self.tls.client_config(self.expect));
+        let mut tls = connector
             .connect(self.server_name.clone(), tcp)
             .await
             .map_err(|e| DialError(format!("TLS handshake failed: {}", describe_tls(&e))))?;
@@ -286,6 +290,9 @@ fn describe_tls(e: &io::Error) -> String {
         Some(rustls::Error::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         )) => "the server's certificate has expired".to_owned(),
+        Some(rustls::Error::InvalidCertificate(CertificateError::Revoked)) => {
+            "the server's certificate has been revoked (it is listed in our crl.pem)".to_owned()
+        }
         Some(rustls::Error::InvalidCertificate(
             err @ CertificateError::NotValidForNameContext { .. },
         )) => {
@@ -309,6 +316,7 @@ fn describe_alert(alert: &AlertDescription) -> String {
         | AlertDescription::BadCertificate
         | AlertDescription::DecryptError => "our certificate is not signed by its CA".to_owned(),
         AlertDescription::CertificateExpired => "our certificate has expired".to_owned(),
+        AlertDescription::CertificateRevoked => "our certificate has been revoked".to_owned(),
         other => format!("TLS alert {other:?}"),
     }
 }

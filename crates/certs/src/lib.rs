@@ -9,8 +9,12 @@
 //! role ([`connect`]), so a misrouted address fails at the handshake instead of
 //! halfway through a transfer.
 //!
-//! - [`init`], [`issue`]: making the CA and agent certificates.
-//! - [`Mtls`]: loading and checking one agent's files at startup.
+//! - [`init`], [`issue`], [`revoke`]: making the CA and agent certificates,
+//!   and withdrawing one through the CA's revocation list (`crl.pem`).
+//! - [`Mtls`]: loading and checking one agent's files at startup, then
+//!   re-reading them when they change (at most every [`RELOAD_INTERVAL`]), so
+//!   renewed certificates and new revocations apply to new connections
+//!   without restarting an agent mid-move.
 //! - [`serve`]: the server side, tonic over our own TLS accept loop.
 //! - [`connect`]: the client side, a tonic channel over our own TLS connector.
 //!
@@ -24,8 +28,8 @@ mod role;
 mod server;
 mod verifier;
 
-pub use authority::{init, issue, InitOptions, DEFAULT_DAYS};
+pub use authority::{init, issue, issue_with_validity, revoke, InitOptions, DEFAULT_DAYS};
 pub use client::{connect, connect_lazy};
-pub use mtls::{Mtls, TlsFiles};
+pub use mtls::{Mtls, TlsFiles, RELOAD_INTERVAL};
 pub use role::{Identity, Role};
 pub use server::{peer, require, serve, PeerInfo};

@@ -10,6 +10,8 @@
 //! - attach the peer's verified [`Identity`] to the connection ([`PeerInfo`]),
 //!   which tonic copies into every request's extensions for [`peer`] and
 //!   [`require`] to read;
+//! - take the current server config for every handshake, so certificates and
+//!   revocation lists reloaded by [`Mtls`] apply without a restart;
 //! - bound shutdown: tonic drains connections gracefully but would wait forever
 //!   for a stream that never ends, so after a grace period we cut the
 //!   remaining connections at the IO level.
@@ -93,7 +95,7 @@ pub async fn serve(
     let (tx, rx) = mpsc::channel(HANDSHAKEN_QUEUE);
     tokio::spawn(accept_loop(
         listener,
-        TlsAcceptor::from(tls.server_config()),
+        tls.clone(),
         tx,
         stop.clone(),
         cut.clone(),
@@ -136,7 +138,7 @@ pub async fn serve(
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Mtls,
     tx: mpsc::Sender<ServerIo>,
     stop: CancellationToken,
     cut: CancellationToken,
@@ -156,7 +158,9 @@ async fn accept_loop(
                 }
             }
         };
-        let acceptor = acceptor.clone();
+        // Taken per connection so renewed certificates and revocation lists
+        // apply to new handshakes (see `Mtls::server_config`).
+        let acceptor = TlsAcceptor::from(tls.server_config());
         let tx = tx.clone();
         let stop = stop.clone();
         let cut = cut.clone();

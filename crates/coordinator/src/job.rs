@@ -115,6 +115,10 @@ pub struct JobRecord {
     /// A snapshot task is out; not handed out twice at once.
     #[serde(default)]
     pub snapshot_leased: bool,
+    /// A condition the operator should know about while the job waits (a full spool disk).
+    /// Cleared when a chunk completes.
+    #[serde(default)]
+    pub warning: String,
     /// The finalize task is out (with the planner); not handed out twice at once.
     #[serde(default)]
     pub finalize_leased: bool,
@@ -229,6 +233,7 @@ impl Job {
                 planner_incarnation: String::new(),
                 snapshot_lost: false,
                 snapshot_leased: false,
+                warning: String::new(),
             },
             tables: Vec::new(),
             chunks: Vec::new(),

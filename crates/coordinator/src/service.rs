@@ -438,6 +438,7 @@ impl Coordinator for CoordinatorService {
         if !job.complete(index, r.rows, r.raw_bytes, r.wire_bytes, &r.snapshot_id) {
             return Ok(Response::new(pb::Empty {}));
         }
+        job.record.warning.clear();
         let chunk = job.chunks[index].clone();
         let phase_changed = job.all_done() && job.record.phase == Phase::Copying;
         if phase_changed {
@@ -651,6 +652,15 @@ impl Coordinator for CoordinatorService {
                     c.state = ChunkState::Pending;
                 }
             }
+        } else if r.exhausted {
+            // Waiting for the operator (disk full): retry every few seconds, without counting.
+            job.record.warning = r.message.clone();
+            if let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) {
+                if c.epoch == r.epoch && matches!(c.state, ChunkState::Leased { .. }) {
+                    c.state = ChunkState::Pending;
+                    c.not_before_ms = now_ms() + 5_000;
+                }
+            }
         } else if r.fatal {
             job.fail(r.message.clone());
         } else if job.record.snapshot_lost && r.chunk_id == 0 {
@@ -770,6 +780,9 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
         planned_bytes: job.tables.iter().map(|t| t.bytes).sum(),
         ..Default::default()
     };
+    if !rec.phase.is_over() && !rec.warning.is_empty() {
+        reply.error = format!("waiting: {}", rec.warning);
+    }
     if rec.phase == Phase::Planning && !have_receiver {
         reply.error = "waiting for a receiver to register".to_string();
     }

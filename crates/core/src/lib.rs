@@ -8,6 +8,7 @@ pub mod bandwidth;
 pub mod chunk;
 pub mod codec;
 pub mod digest;
+pub mod failpoint;
 pub mod ident;
 pub mod pg;
 pub mod schema_script;

@@ -30,17 +30,46 @@ pub fn fatal_message(e: &anyhow::Error) -> Option<String> {
         .map(|f| f.0.clone())
 }
 
-pub fn to_status(e: anyhow::Error) -> tonic::Status {
-    match fatal_message(&e) {
-        Some(m) => tonic::Status::failed_precondition(m),
-        None => tonic::Status::internal(format!("{e:#}")),
+/// A resource the operator must free (a full spool disk): retried patiently, without using up
+/// the chunk's attempts, and shown in the job's status meanwhile.
+#[derive(Debug)]
+pub struct Exhausted(pub String);
+
+impl fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
+}
+
+impl std::error::Error for Exhausted {}
+
+pub fn exhausted(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Exhausted(msg.into()))
+}
+
+/// The exhausted-resource message inside an error chain, if any.
+pub fn exhausted_message(e: &anyhow::Error) -> Option<String> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<Exhausted>())
+        .map(|x| x.0.clone())
+}
+
+pub fn to_status(e: anyhow::Error) -> tonic::Status {
+    if let Some(m) = fatal_message(&e) {
+        return tonic::Status::failed_precondition(m);
+    }
+    if let Some(m) = exhausted_message(&e) {
+        return tonic::Status::resource_exhausted(m);
+    }
+    tonic::Status::internal(format!("{e:#}"))
 }
 
 /// A status from a peer as an error; FAILED_PRECONDITION stays fatal.
 pub fn from_status(s: tonic::Status, what: &str) -> anyhow::Error {
     if s.code() == tonic::Code::FailedPrecondition {
         fatal(s.message().to_string())
+    } else if s.code() == tonic::Code::ResourceExhausted {
+        exhausted(s.message().to_string())
     } else {
         anyhow::anyhow!("{what}: {} ({:?})", s.message(), s.code())
     }

@@ -114,7 +114,13 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
     let mut reader = SpoolReader::open(r.spool, r.codec).await?;
     let mut hasher = blake3::Hasher::new();
     let mut total = 0u64;
-    while let Some(block) = reader.next_block().await? {
+    let corrupt = |e: anyhow::Error| {
+        anyhow::Error::new(SpoolCorrupt(format!(
+            "spooled chunk {} of {} is unreadable ({e:#}); discarded before commit",
+            r.chunk_id, r.table
+        )))
+    };
+    while let Some(block) = reader.next_block().await.map_err(corrupt)? {
         hasher.update(&block);
         total += block.len() as u64;
         sink.send(Bytes::from(block)).await.map_err(|e| {
@@ -127,11 +133,10 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
     }
     // Decision 2: nothing commits unless the bytes that went into COPY are the sender's bytes.
     if hasher.finalize().as_bytes().as_slice() != r.digest || total != r.raw_bytes {
-        anyhow::bail!(
+        return Err(anyhow::Error::new(SpoolCorrupt(format!(
             "spooled chunk {} of {} changed on disk (digest mismatch); discarded before commit",
-            r.chunk_id,
-            r.table
-        );
+            r.chunk_id, r.table
+        ))));
     }
     let rows = sink.finish().await.map_err(|e| {
         let line = format!(
@@ -205,3 +210,16 @@ impl std::fmt::Display for LeaseLost {
 }
 
 impl std::error::Error for LeaseLost {}
+
+/// The spool file no longer holds what was verified on arrival (altered, truncated, unreadable).
+/// Retrying from it cannot help: it is discarded and the sender sends the chunk again.
+#[derive(Debug)]
+pub struct SpoolCorrupt(pub String);
+
+impl std::fmt::Display for SpoolCorrupt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SpoolCorrupt {}

@@ -194,6 +194,9 @@ impl ReceiverService {
             }
         };
 
+        if haul_core::failpoint::fire("corrupt-spool") {
+            spool::flip_a_byte(&path).await;
+        }
         let r = Restore {
             job_id: &header.job_id,
             chunk_id: header.chunk_id,
@@ -228,7 +231,7 @@ impl ReceiverService {
                 }
                 // Retrying cannot help: the spool changed or vanished, or the lease moved on.
                 Err(e)
-                    if format!("{e:#}").contains("changed on disk")
+                    if e.downcast_ref::<restore::SpoolCorrupt>().is_some()
                         || e.downcast_ref::<restore::LeaseLost>().is_some()
                         || e.chain().any(|c| {
                             c.downcast_ref::<std::io::Error>()
@@ -287,10 +290,12 @@ impl ReceiverService {
                     hasher.update(&raw);
                     raw_bytes += raw.len() as u64;
                     blocks += 1;
-                    spool::write_frame(&mut file, raw_len as u32, &payload).await?;
+                    spool::write_frame(&mut file, path, raw_len as u32, &payload).await?;
                 }
                 Some(pb::chunk_frame::Frame::Trailer(t)) => {
-                    file.flush().await.context("flush spool")?;
+                    file.flush()
+                        .await
+                        .map_err(|e| spool::write_error(e, path))?;
                     let digest = hasher.finalize();
                     if digest.as_bytes().as_slice() != t.digest.as_slice()
                         || t.raw_bytes != raw_bytes

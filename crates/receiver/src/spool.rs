@@ -73,18 +73,44 @@ impl Spool {
     }
 }
 
+/// Test fault: change one byte in the middle of a spool file (see `failpoint`).
+pub async fn flip_a_byte(path: &Path) {
+    if let Ok(mut bytes) = tokio::fs::read(path).await {
+        if !bytes.is_empty() {
+            let i = bytes.len() / 2;
+            bytes[i] ^= 0x5a;
+            let _ = tokio::fs::write(path, bytes).await;
+        }
+    }
+}
+
+/// A spool write error, with a full disk named as such: the operator's fix is space.
+pub fn write_error(e: std::io::Error, path: &Path) -> anyhow::Error {
+    if e.raw_os_error() == Some(28) {
+        haul_core::status::exhausted(format!(
+            "spool directory {} is full (no space left on device); free space there or point --spool at a larger disk; the chunk will be retried",
+            path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+        ))
+    } else {
+        anyhow::Error::new(e).context(format!("write spool file {}", path.display()))
+    }
+}
+
 pub async fn write_frame(
     w: &mut BufWriter<File>,
+    path: &Path,
     raw_len: u32,
     payload: &[u8],
 ) -> anyhow::Result<()> {
     w.write_all(&raw_len.to_le_bytes())
         .await
-        .context("write spool")?;
+        .map_err(|e| write_error(e, path))?;
     w.write_all(&(payload.len() as u32).to_le_bytes())
         .await
-        .context("write spool")?;
-    w.write_all(payload).await.context("write spool")?;
+        .map_err(|e| write_error(e, path))?;
+    w.write_all(payload)
+        .await
+        .map_err(|e| write_error(e, path))?;
     Ok(())
 }
 

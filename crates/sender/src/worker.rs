@@ -317,6 +317,7 @@ async fn report_failure(
         message,
         fatal: fatal.is_some(),
         lost_snapshot,
+        exhausted: haul_core::status::exhausted_message(&e).is_some(),
     };
     deliver("report failure", || {
         let mut c = shared.peers.coordinator();

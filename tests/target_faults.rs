@@ -1,0 +1,122 @@
+//! The target side misbehaves: the target PostgreSQL restarts mid-restore (retried from the
+//! spool, nothing re-sent over the link), a spooled chunk is altered on disk after it was
+//! verified (caught by its digest, discarded, fetched again, never committed), and the spool's
+//! disk fills up (a clear error, then recovery once space returns).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::moves::{Move, Setup};
+use common::procs::HAUL;
+use common::{compare_databases, load_rich, Cluster, ClusterOptions};
+
+#[test]
+fn target_restart_is_retried_from_the_spool() -> anyhow::Result<()> {
+    let mut m = Move::new(Setup::default())?;
+    let done = m.wait_for_chunks(3)?;
+    m.target.kill()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    m.target.start_again()?;
+    m.wait_for_chunks(done + 3)?;
+    m.finish()?;
+    let receiver = m.receiver.log_text();
+    assert!(
+        receiver.contains("retrying from spool"),
+        "no restore was retried:\n{receiver}"
+    );
+    let sender = m.sender.log_text();
+    assert!(
+        !sender.contains("failed to copy chunk"),
+        "a chunk was sent again although the spool had it:\n{sender}"
+    );
+    Ok(())
+}
+
+#[test]
+fn corrupt_spool_is_discarded_and_fetched_again() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    load_rich(&c, "src")?;
+    c.create_database("dst")?;
+    let out = Command::new(HAUL)
+        .args([
+            "copy",
+            "--source",
+            &c.url("src"),
+            "--target",
+            &c.url("dst"),
+            "--chunk-size",
+            "4MB",
+        ])
+        .env("HAUL_FAILPOINTS", "corrupt-spool")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("failpoint corrupt-spool fired"), "{stderr}");
+    assert!(
+        stderr.contains("changed on disk") || stderr.contains("is unreadable"),
+        "the altered spool was not caught:\n{stderr}"
+    );
+    let diffs = compare_databases(&c.url("src"), &c.url("dst"))?;
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+    let once = c.psql(
+        "dst",
+        "SELECT count(*) = count(DISTINCT chunk_id) FROM haul.ledger",
+    )?;
+    assert_eq!(once.trim(), "t");
+    Ok(())
+}
+
+#[test]
+fn full_spool_disk_is_reported_then_recovers() -> anyhow::Result<()> {
+    // A real small filesystem for the spool: needs root to mount (CI and the dev machines run
+    // as root; elsewhere this test says so and stops).
+    let mnt = tempfile::tempdir()?;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24M", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!(
+            "skipping full_spool_disk_is_reported_then_recovers: cannot mount a tmpfs (not root?)"
+        );
+        return Ok(());
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.path().to_path_buf());
+
+    let m = Move::new(Setup {
+        spool: Some(mnt.path().join("spool")),
+        ..Default::default()
+    })?;
+    let done = m.wait_for_chunks(2)?;
+    // Fill the disk: every spool write fails from now on.
+    let filler = mnt.path().join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 32 << 20]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !m
+        .sender
+        .log_text()
+        .contains("is full (no space left on device)")
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no clear disk-full error:\n{}",
+            m.sender.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Space returns; the move carries on.
+    std::fs::remove_file(&filler)?;
+    m.wait_for_chunks(done + 3)?;
+    m.finish()?;
+    Ok(())
+}
