@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context;
 use haul_certs::Role;
 use haul_core::pg::{DbUrl, Side};
-use haul_proto as pb;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::{load_tls, required};
@@ -106,14 +105,7 @@ pub async fn run(a: CopyArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
 
     let drive = async {
         let mut c = operator::client(&coordinator_addr, &certs).await?;
-        let job_id = c
-            .start_job(pb::StartJobRequest {
-                options: Some(options),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("start job: {}", s.message()))?
-            .into_inner()
-            .job_id;
+        let job_id = operator::start_job(&mut c, options).await?;
         operator::follow(&mut c, &job_id).await
     };
     let outcome = tokio::select! {

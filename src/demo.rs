@@ -115,14 +115,7 @@ pub async fn run(a: DemoArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
             chunk_size: Some("8MB".into()),
             ..Default::default()
         })?;
-        let job_id = client
-            .start_job(pb::StartJobRequest {
-                options: Some(options),
-            })
-            .await
-            .map_err(|s| anyhow::anyhow!("start job: {}", s.message()))?
-            .into_inner()
-            .job_id;
+        let job_id = operator::start_job(&mut client, options).await?;
         println!("haul demo: moving the database ({job_id})");
         tokio::select! {
             s = operator::follow(&mut client, &job_id) => s,

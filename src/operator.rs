@@ -71,14 +71,7 @@ pub async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let certs = required(a.certs, "certs")?;
     let options = job_options(&a.job)?;
     let mut c = client(&coordinator, &certs).await?;
-    let job_id = c
-        .start_job(pb::StartJobRequest {
-            options: Some(options),
-        })
-        .await
-        .map_err(|s| fatal(format!("coordinator refused the job: {}", s.message())))?
-        .into_inner()
-        .job_id;
+    let job_id = start_job(&mut c, options).await?;
     println!("started {job_id}");
     if !a.wait {
         return Ok(ExitCode::SUCCESS);
@@ -110,6 +103,20 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     } else {
         Ok(exit_code(&s))
     }
+}
+
+/// Start a job with `options` and return its id.
+pub async fn start_job(
+    c: &mut CoordinatorClient<Channel>,
+    options: pb::JobOptions,
+) -> anyhow::Result<String> {
+    Ok(c.start_job(pb::StartJobRequest {
+        options: Some(options),
+    })
+    .await
+    .map_err(|s| fatal(format!("coordinator refused the job: {}", s.message())))?
+    .into_inner()
+    .job_id)
 }
 
 /// One status reply; `detail` adds per-table progress (one entry per table: keep it for

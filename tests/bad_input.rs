@@ -4,18 +4,10 @@
 mod common;
 
 use common::procs::{failure_line, haul};
-use common::{Cluster, ClusterOptions};
+use common::Cluster;
 
 fn clusters() -> anyhow::Result<(Cluster, Cluster)> {
-    let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        (a.join(), b.join())
-    });
-    Ok((
-        a.map_err(|_| anyhow::anyhow!("start panicked"))??,
-        b.map_err(|_| anyhow::anyhow!("start panicked"))??,
-    ))
+    common::two_clusters()
 }
 
 const SMALL: &str = "CREATE TABLE items (id int PRIMARY KEY, name text); \

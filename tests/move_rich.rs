@@ -6,17 +6,11 @@ mod common;
 
 use std::process::Command;
 
-use common::{compare_databases, load_rich, Cluster, ClusterOptions};
+use common::{compare_databases, load_rich};
 
 #[test]
 fn copy_moves_the_rich_database_exactly() -> anyhow::Result<()> {
-    let (source, target) = std::thread::scope(|s| {
-        let a = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        (a.join(), b.join())
-    });
-    let source = source.map_err(|_| anyhow::anyhow!("start panicked"))??;
-    let target = target.map_err(|_| anyhow::anyhow!("start panicked"))??;
+    let (source, target) = common::two_clusters()?;
     load_rich(&source, "rich")?;
     target.create_database("rich")?;
 

@@ -9,20 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::procs::{failure_line, free_addr, haul, Agent};
-use common::{compare_databases, load_rich, Cluster, ClusterOptions};
+use common::{compare_databases, load_rich};
 use haul_certs::{Mtls, Role, TlsFiles};
 use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[test]
 fn three_processes_move_and_refuse_strangers() -> anyhow::Result<()> {
-    let (source, target) = std::thread::scope(|s| {
-        let a = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        (a.join(), b.join())
-    });
-    let source = source.map_err(|_| anyhow::anyhow!("start panicked"))??;
-    let target = target.map_err(|_| anyhow::anyhow!("start panicked"))??;
+    let (source, target) = common::two_clusters()?;
     load_rich(&source, "rich")?;
     target.create_database("rich")?;
 

@@ -23,6 +23,7 @@ use libfuzzer_sys::fuzz_target;
 #[path = "../../crates/receiver/src/spool.rs"]
 mod spool;
 
+#[allow(dead_code)]
 #[path = "common/alloc_meter.rs"]
 mod alloc_meter;
 

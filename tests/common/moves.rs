@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::link::Link;
 use super::procs::{free_addr, haul, Agent};
-use super::{compare_databases, load_rich, Cluster, ClusterOptions};
+use super::{compare_databases, load_rich, Cluster};
 
 /// `haul status --json` of the latest job, once the coordinator answers.
 pub fn status(coord: &str, certs: &str) -> Option<serde_json::Value> {
@@ -68,13 +68,7 @@ pub struct Move {
 
 impl Move {
     pub fn new(setup: Setup) -> anyhow::Result<Move> {
-        let (source, target) = std::thread::scope(|s| {
-            let a = s.spawn(|| Cluster::start(ClusterOptions::default()));
-            let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
-            (a.join(), b.join())
-        });
-        let source = source.map_err(|_| anyhow::anyhow!("start panicked"))??;
-        let target = target.map_err(|_| anyhow::anyhow!("start panicked"))??;
+        let (source, target) = super::two_clusters()?;
         load_rich(&source, "rich")?;
         target.create_database("rich")?;
 
