@@ -107,6 +107,7 @@ pub struct CoordinatorArgs {
 
 #[derive(Args, Debug, Default)]
 pub struct ReceiverArgs {
+    /// The coordinator to talk to, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub coordinator: Option<String>,
     /// Address to listen on for senders.
@@ -118,11 +119,13 @@ pub struct ReceiverArgs {
     /// Target database URL, postgres://USER:PASSWORD@HOST:PORT/DB.
     #[arg(long, value_name = "URL", env = "HAUL_TARGET")]
     pub target: Option<String>,
+    /// Directory for this agent's local state.
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
     /// Directory where arriving chunks are spooled before restore.
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
+    /// Directory with ca.pem (and crl.pem, if any) and this agent's certificate and key.
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,
     /// Agent name; its certificate is CERTS/NAME.pem if that exists, else CERTS/receiver.pem.
@@ -135,13 +138,16 @@ pub struct ReceiverArgs {
 
 #[derive(Args, Debug, Default)]
 pub struct SenderArgs {
+    /// The coordinator to talk to, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub coordinator: Option<String>,
     /// Source database URL, postgres://USER:PASSWORD@HOST:PORT/DB.
     #[arg(long, value_name = "URL", env = "HAUL_SOURCE")]
     pub source: Option<String>,
+    /// Directory for this agent's local state.
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
+    /// Directory with ca.pem (and crl.pem, if any) and this agent's certificate and key.
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,
     /// Agent name; its certificate is CERTS/NAME.pem if that exists, else CERTS/sender.pem.
@@ -180,8 +186,10 @@ pub struct JobArgs {
 
 #[derive(Args, Debug, Default)]
 pub struct StartArgs {
+    /// The coordinator to talk to, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub coordinator: Option<String>,
+    /// Directory with ca.pem (and crl.pem, if any) and this agent's certificate and key.
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,
     #[command(flatten)]
@@ -193,8 +201,10 @@ pub struct StartArgs {
 
 #[derive(Args, Debug, Default)]
 pub struct StatusArgs {
+    /// The coordinator to talk to, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
     pub coordinator: Option<String>,
+    /// Directory with ca.pem (and crl.pem, if any) and this agent's certificate and key.
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,
     /// Job id; default the latest.
