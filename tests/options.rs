@@ -1,5 +1,6 @@
 //! Job options end to end: `--tables` moves only matching tables (bringing partition parents
-//! along), every codec produces an identical target, and `--bwlimit`/`--no-verify` are honoured.
+//! along), every codec produces an identical target, `--bwlimit` holds the wire rate down, and
+//! `--no-verify` says so.
 
 mod common;
 
@@ -50,9 +51,9 @@ fn tables_codecs_and_caps() -> anyhow::Result<()> {
     )?;
     assert_eq!(got.trim(), "5000|1000|t");
 
-    // Every codec gives an identical database; the capped run still finishes.
+    // Every codec gives an identical database.
     for (db, extra) in [
-        ("plain", vec!["--codec", "none", "--bwlimit", "1MB"]),
+        ("plain", vec!["--codec", "none", "--bwlimit", "256KB"]),
         ("zstd9", vec!["--codec", "zstd:9"]),
     ] {
         c.create_database(db)?;
@@ -61,6 +62,21 @@ fn tables_codecs_and_caps() -> anyhow::Result<()> {
         args.extend(extra);
         let stdout = run(&args);
         assert!(stdout.contains("verified"), "{stdout}");
+        if db == "plain" {
+            // The cap is a lower bound on time: the move cannot be faster than its wire bytes at
+            // 256 KB/s, less the limiter's burst of a tenth of a second (and print rounding).
+            let wire = summary_bytes(&stdout, "on the wire");
+            let secs = summary_secs(&stdout);
+            let floor = (wire - 25_600.0) / 256_000.0 - 0.1;
+            assert!(
+                wire > 300_000.0,
+                "too little data to test the cap: {stdout}"
+            );
+            assert!(
+                secs >= floor,
+                "{wire} bytes crossed in {secs} s, faster than the 256KB/s cap allows\n{stdout}"
+            );
+        }
         let diffs = compare_databases(&c.url("src"), &c.url(db))?;
         assert!(diffs.is_empty(), "{db}: {}", diffs.join("\n"));
     }
@@ -77,4 +93,36 @@ fn tables_codecs_and_caps() -> anyhow::Result<()> {
     ]);
     assert!(stdout.contains("verified   no (--no-verify)"), "{stdout}");
     Ok(())
+}
+
+/// Bytes from the summary's "bytes ... X read, Y on the wire" line (`which` picks the figure).
+fn summary_bytes(stdout: &str, which: &str) -> f64 {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("bytes"))
+        .unwrap_or("");
+    let part = line.split(',').find(|p| p.contains(which)).unwrap_or("");
+    let words: Vec<&str> = part.split_whitespace().collect();
+    let i = words
+        .iter()
+        .position(|w| w.parse::<f64>().is_ok())
+        .unwrap_or(0);
+    let n: f64 = words.get(i).and_then(|w| w.parse().ok()).unwrap_or(0.0);
+    let unit = match words.get(i + 1).copied().unwrap_or("B") {
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        _ => 1.0,
+    };
+    n * unit
+}
+
+/// Seconds from the summary's "time X s" line.
+fn summary_secs(stdout: &str) -> f64 {
+    stdout
+        .lines()
+        .find(|l| l.starts_with("time"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
