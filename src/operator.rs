@@ -253,6 +253,13 @@ pub fn print_summary(s: &pb::JobStatusReply) {
         human_bytes(s.raw_bytes_done),
         human_bytes(s.wire_bytes_done)
     );
+    if s.resumed_bytes_done > 0 || s.resent_bytes_done > 0 {
+        println!(
+            "resumed    {} not sent again after interruptions; {} reached the receiver twice",
+            human_bytes(s.resumed_bytes_done),
+            human_bytes(s.resent_bytes_done)
+        );
+    }
     println!("time       {:.1} s", s.elapsed_secs);
     if s.phase == "done" {
         if s.verified {
@@ -342,6 +349,8 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "planned_bytes": s.planned_bytes, "elapsed_secs": s.elapsed_secs, "verified": s.verified,
         "tables_checked": s.tables_checked, "sequences": s.sequences, "snapshot_id": s.snapshot_id,
         "consistent": s.consistent, "snapshots": snapshots,
+        "resumed_bytes_done": s.resumed_bytes_done, "resent_bytes_done": s.resent_bytes_done,
+        "in_flight": s.in_flight,
         "table_progress": tables, "mismatches": mismatches,
     })
     .to_string()

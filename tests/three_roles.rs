@@ -182,6 +182,7 @@ fn three_processes_move_and_refuse_strangers() -> anyhow::Result<()> {
             .begin_chunk(haul_proto::BeginChunkRequest {
                 job_id: "job-1".into(),
                 chunk_id: 1,
+                epoch: 1,
             })
             .await
             .expect_err("an operator may not talk to a receiver");

@@ -23,6 +23,8 @@ struct Faults {
     stalled: AtomicBool,
     /// Bytes forwarded, both directions, all connections.
     forwarded: AtomicU64,
+    /// Bytes forwarded from the dialing side to the upstream only (sender to receiver).
+    forwarded_up: AtomicU64,
     /// Bumped to reset every open connection.
     generation: AtomicU64,
     cuts: AtomicU64,
@@ -105,6 +107,11 @@ impl Link {
         self.faults.forwarded.load(Ordering::SeqCst)
     }
 
+    /// Bytes forwarded towards the upstream (what a sender sent a receiver).
+    pub fn forwarded_up(&self) -> u64 {
+        self.faults.forwarded_up.load(Ordering::SeqCst)
+    }
+
     pub fn cuts(&self) -> u64 {
         self.faults.cuts.load(Ordering::SeqCst)
     }
@@ -129,8 +136,8 @@ async fn forward(client: TcpStream, upstream: String, f: Arc<Faults>) {
     let generation = f.generation.load(Ordering::SeqCst);
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let a = tokio::spawn(pump(cr, sw, f.clone(), generation));
-    let b = tokio::spawn(pump(sr, cw, f.clone(), generation));
+    let a = tokio::spawn(pump(cr, sw, f.clone(), generation, true));
+    let b = tokio::spawn(pump(sr, cw, f.clone(), generation, false));
     // When either direction ends (or is reset), end both.
     tokio::select! {
         _ = a => {}
@@ -143,6 +150,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     f: Arc<Faults>,
     generation: u64,
+    up: bool,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     let reset = |f: &Faults| f.generation.load(Ordering::SeqCst) != generation;
@@ -166,6 +174,9 @@ async fn pump(
             break;
         }
         let total = f.forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+        if up {
+            f.forwarded_up.fetch_add(n as u64, Ordering::SeqCst);
+        }
         let cut = f.cut_after.load(Ordering::SeqCst);
         if cut > 0 && total >= cut {
             f.cut_after.store(0, Ordering::SeqCst);

@@ -49,6 +49,13 @@ pub struct Setup {
     pub lease_timeout: Option<&'static str>,
     /// Where the receiver spools (default: inside the move's temp dir).
     pub spool: Option<std::path::PathBuf>,
+    /// Add `public.bulk`, about this many MB of binary COPY data (0 = none), so chunks span
+    /// many blocks.
+    pub bulk_mb: u64,
+    /// `haul start` options (defaults: 1MB chunks, 2MB/s cap, the default codec).
+    pub chunk_size: Option<&'static str>,
+    pub bwlimit: Option<&'static str>,
+    pub codec: Option<&'static str>,
 }
 
 /// Two clusters with the rich fixture, a CA, and the three roles as processes, with a job
@@ -71,6 +78,18 @@ impl Move {
         let (source, target) = super::two_clusters()?;
         load_rich(&source, "rich")?;
         target.create_database("rich")?;
+        if setup.bulk_mb > 0 {
+            // About 210 bytes per row in binary COPY.
+            let rows = setup.bulk_mb * 1_000_000 / 210;
+            source.psql(
+                "rich",
+                &format!(
+                    "CREATE TABLE public.bulk (id bigint PRIMARY KEY, pad text NOT NULL); \
+                     INSERT INTO public.bulk SELECT g, repeat(md5(g::text), 6) \
+                     FROM generate_series(1, {rows}) AS g; ANALYZE public.bulk;"
+                ),
+            )?;
+        }
 
         let dir = tempfile::tempdir()?;
         let d = |p: &str| dir.path().join(p).display().to_string();
@@ -142,19 +161,23 @@ impl Move {
         // Small chunks and a bandwidth cap stretch the move over several seconds of kills.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = haul(&[
+            let mut args = vec![
                 "start",
                 "--coordinator",
                 &coord,
                 "--certs",
                 &certs,
                 "--chunk-size",
-                "1MB",
+                setup.chunk_size.unwrap_or("1MB"),
                 "--jobs",
                 "2",
                 "--bwlimit",
-                "2MB",
-            ]);
+                setup.bwlimit.unwrap_or("2MB"),
+            ];
+            if let Some(codec) = setup.codec {
+                args.extend(["--codec", codec]);
+            }
+            let out = haul(&args);
             if out.status.success() {
                 break;
             }
@@ -173,6 +196,11 @@ impl Move {
             to_receiver,
             to_coordinator,
         })
+    }
+
+    /// A path inside the move's temp dir (`rstate` is the receiver's state, `spool` its spool).
+    pub fn path(&self, p: &str) -> std::path::PathBuf {
+        self._dir.path().join(p)
     }
 
     pub fn wait_for_chunks(&self, n: u64) -> anyhow::Result<u64> {

@@ -150,6 +150,12 @@ pub enum ChunkState {
         rows: u64,
         raw_bytes: u64,
         wire_bytes: u64,
+        /// Raw bytes a resumed stream did not send again (the receiver held them).
+        #[serde(default)]
+        resumed_bytes: u64,
+        /// Raw bytes that reached the receiver more than once.
+        #[serde(default)]
+        resent_bytes: u64,
     },
 }
 
@@ -296,15 +302,9 @@ impl Job {
         self.done == self.chunks.len()
     }
 
-    /// Mark a chunk done, read under `snapshot_id`; returns false if it already was.
-    pub fn complete(
-        &mut self,
-        index: usize,
-        rows: u64,
-        raw_bytes: u64,
-        wire_bytes: u64,
-        snapshot_id: &str,
-    ) -> bool {
+    /// Mark a chunk done (`state` is a `ChunkState::Done`), read under `snapshot_id`; returns
+    /// false if it already was.
+    pub fn complete(&mut self, index: usize, state: ChunkState, snapshot_id: &str) -> bool {
         let Some(c) = self.chunks.get_mut(index) else {
             return false;
         };
@@ -312,11 +312,7 @@ impl Job {
             return false;
         }
         c.snapshot_id = snapshot_id.to_string();
-        c.state = ChunkState::Done {
-            rows,
-            raw_bytes,
-            wire_bytes,
-        };
+        c.state = state;
         self.done += 1;
         true
     }

@@ -435,7 +435,14 @@ impl Coordinator for CoordinatorService {
             )));
         };
         // The receipt means the target's ledger holds the chunk: done, whatever the epoch.
-        if !job.complete(index, r.rows, r.raw_bytes, r.wire_bytes, &r.snapshot_id) {
+        let done = ChunkState::Done {
+            rows: r.rows,
+            raw_bytes: r.raw_bytes,
+            wire_bytes: r.wire_bytes,
+            resumed_bytes: r.resumed_bytes,
+            resent_bytes: r.resent_bytes,
+        };
+        if !job.complete(index, done, &r.snapshot_id) {
             return Ok(Response::new(pb::Empty {}));
         }
         job.record.warning.clear();
@@ -799,12 +806,21 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
         if let Some(tp) = per_table.get_mut(c.table) {
             tp.chunks += 1;
         }
+        if let ChunkState::Leased { .. } = c.state {
+            if detail {
+                reply.in_flight.push(c.id);
+            }
+        }
         if let ChunkState::Done {
             rows,
             raw_bytes,
             wire_bytes,
+            resumed_bytes,
+            resent_bytes,
         } = c.state
         {
+            reply.resumed_bytes_done += resumed_bytes;
+            reply.resent_bytes_done += resent_bytes;
             reply.chunks_done += 1;
             reply.est_bytes_done += c.est_bytes;
             reply.rows_done += rows;

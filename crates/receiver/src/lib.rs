@@ -6,6 +6,7 @@
 //! Invariant: nothing reaches the target before its digest matched the sender's.
 
 mod ledger;
+mod partial;
 mod pool;
 mod restore;
 mod schema;
@@ -63,9 +64,13 @@ pub async fn run(
     }
     drop(client);
 
+    let spool = spool::Spool::open(&config.spool_dir)?;
+    let partials = partial::Partials::open(&config.state_dir)?;
+    partials.sweep(&spool);
     let inner = Arc::new(service::Inner {
         pool: pool::Pool::new(config.target.clone(), config.slots),
-        spool: spool::Spool::open(&config.spool_dir)?,
+        spool,
+        partials,
         replica_role,
         fence: pb::coordinator_client::CoordinatorClient::new(haul_certs::connect_lazy(
             &config.coordinator,

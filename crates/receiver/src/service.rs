@@ -15,9 +15,11 @@ use haul_proto as pb;
 use haul_proto::coordinator_client::CoordinatorClient;
 use haul_proto::receiver_server::Receiver;
 use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::partial::{self, Partials};
 use crate::restore::{self, Applied, Restore};
 use crate::spool::{self, Spool};
 use crate::{ledger, pool::Pool, schema, ReceiverConfig};
@@ -35,6 +37,8 @@ pub struct Inner {
     pub config: ReceiverConfig,
     pub pool: Pool,
     pub spool: Spool,
+    /// Partly received chunks and which stream owns each.
+    pub partials: Partials,
     /// Whether the target user may set session_replication_role (superuser), so triggers and
     /// foreign keys stay quiet during the load even when the schema already existed.
     pub replica_role: bool,
@@ -65,17 +69,10 @@ impl Receiver for ReceiverService {
         req: Request<pb::BeginChunkRequest>,
     ) -> Result<Response<pb::BeginChunkReply>, Status> {
         haul_certs::require(&req, &[Role::Sender])?;
-        let r = req.into_inner();
-        let client = self.inner.pool.get().await.map_err(to_status)?;
-        let applied = ledger::applied(&client, &r.job_id, r.chunk_id)
+        self.begin_chunk_inner(req.into_inner())
             .await
-            .map_err(to_status)?;
-        let (rows, snapshot_id) = applied.clone().unwrap_or_default();
-        Ok(Response::new(pb::BeginChunkReply {
-            already_applied: applied.is_some(),
-            rows,
-            snapshot_id,
-        }))
+            .map(Response::new)
+            .map_err(to_status)
     }
 
     async fn push_chunk(
@@ -162,6 +159,49 @@ impl ReceiverService {
         Ok(pb::SchemaReply { objects })
     }
 
+    async fn begin_chunk_inner(
+        &self,
+        r: pb::BeginChunkRequest,
+    ) -> anyhow::Result<pb::BeginChunkReply> {
+        let partials = &self.inner.partials;
+        let client = self.inner.pool.get().await?;
+        if let Some((rows, snapshot_id)) = ledger::applied(&client, &r.job_id, r.chunk_id).await? {
+            // Applied, perhaps just before a crash that left its spool behind.
+            if let Ok(_claim) = partials.claim(&r.job_id, r.chunk_id, r.epoch).await {
+                self.inner
+                    .spool
+                    .remove(&self.inner.spool.chunk_path(&r.job_id, r.chunk_id))
+                    .await;
+                partials.forget(&r.job_id, r.chunk_id);
+            }
+            return Ok(pb::BeginChunkReply {
+                already_applied: true,
+                rows,
+                snapshot_id,
+                ..Default::default()
+            });
+        }
+        drop(client);
+        let Some(record) = partials.record(&r.job_id, r.chunk_id) else {
+            return Ok(pb::BeginChunkReply::default());
+        };
+        // Stop any stream of an older lease first, so the offset offered is the final one.
+        let mut claim = partials.claim(&r.job_id, r.chunk_id, r.epoch).await?;
+        let codec = Codec::from_wire(record.codec, 0)?;
+        let path = self.inner.spool.chunk_path(&r.job_id, r.chunk_id);
+        let scan = partial::scan(&path, codec).await?;
+        let reply = pb::BeginChunkReply {
+            resume_from: scan.offset,
+            resume_snapshot_id: record.snapshot_id.clone(),
+            resume_codec: record.codec,
+            resume_digest: scan.hasher.finalize().as_bytes().to_vec(),
+            ..Default::default()
+        };
+        *claim.scan = Some(scan);
+        partials.flush().await?;
+        Ok(reply)
+    }
+
     async fn push_chunk_inner(
         &self,
         mut frames: Streaming<pb::ChunkFrame>,
@@ -180,16 +220,82 @@ impl ReceiverService {
             .map(Column::from_wire)
             .collect::<anyhow::Result<_>>()?;
         let codec = Codec::from_wire(header.codec, 0)?;
-        let path = self
-            .inner
-            .spool
-            .chunk_path(&header.job_id, header.chunk_id, header.epoch);
+        let (job_id, chunk_id) = (header.job_id.as_str(), header.chunk_id);
+        let partials = &self.inner.partials;
+        let path = self.inner.spool.chunk_path(job_id, chunk_id);
+        let mut claim = partials.claim(job_id, chunk_id, header.epoch).await?;
+        let stop = claim.stop.clone();
 
-        let received = self.receive(&mut frames, codec, &path).await;
+        let (file, hasher, mut record) = if header.resume_from > 0 {
+            let record = partials
+                .record(job_id, chunk_id)
+                .filter(|r| r.snapshot_id == header.snapshot_id && r.codec == header.codec);
+            let scan = match claim.scan.take() {
+                Some(s) if s.offset == header.resume_from => Some(s),
+                _ if record.is_some() => Some(partial::scan(&path, codec).await?),
+                _ => None,
+            };
+            match (record, scan) {
+                (Some(record), Some(scan))
+                    if scan.offset == header.resume_from
+                        && scan.hasher.finalize().as_bytes().as_slice()
+                            == header.prefix_digest.as_slice() =>
+                {
+                    let file = self.inner.spool.append(&path, scan.file_len).await?;
+                    (file, scan.hasher, record)
+                }
+                _ => anyhow::bail!(
+                    "chunk {chunk_id}: the receiver no longer holds its first {} bytes as the sender read them; the chunk will be sent again from its start",
+                    header.resume_from
+                ),
+            }
+        } else {
+            // From the start, under whatever snapshot the lease names: what an earlier stream
+            // left is replaced, and counted as sent twice as it arrives again.
+            let earlier = partials.record(job_id, chunk_id);
+            let record = partial::Record {
+                snapshot_id: header.snapshot_id.clone(),
+                codec: header.codec,
+                high_water: earlier.as_ref().map_or(0, |r| r.high_water),
+                resent: earlier.as_ref().map_or(0, |r| r.resent),
+            };
+            let file = self.inner.spool.create(&path).await?;
+            partials.put(job_id, chunk_id, &record)?;
+            partials.flush().await?;
+            (file, blake3::Hasher::new(), record)
+        };
+        if header.resume_from > 0 {
+            tracing::info!(
+                chunk = chunk_id,
+                %table,
+                from = header.resume_from,
+                "resuming chunk at the receiver's offset"
+            );
+        }
+
+        let received = self
+            .receive(
+                &mut frames,
+                codec,
+                &path,
+                file,
+                hasher,
+                header.resume_from,
+                (job_id, chunk_id, &mut record),
+                &stop,
+            )
+            .await;
         let (raw_bytes, digest) = match received {
             Ok(v) => v,
             Err(e) => {
-                self.inner.spool.remove(&path).await;
+                // Complete frames stay for the next stream, unless space must be freed or the
+                // bytes disagree with the sender's digest.
+                if haul_core::status::exhausted_message(&e).is_some()
+                    || e.downcast_ref::<DigestMismatch>().is_some()
+                {
+                    self.inner.spool.remove(&path).await;
+                    partials.forget(job_id, chunk_id);
+                }
                 return Err(e);
             }
         };
@@ -198,8 +304,8 @@ impl ReceiverService {
             spool::flip_a_byte(&path).await;
         }
         let r = Restore {
-            job_id: &header.job_id,
-            chunk_id: header.chunk_id,
+            job_id,
+            chunk_id,
             epoch: header.epoch,
             table: &table,
             columns: &columns,
@@ -222,62 +328,96 @@ impl ReceiverService {
             };
             match result {
                 Ok(a) => break a,
+                // The lease moved on: the spool, complete and verified, is kept for the
+                // chunk's next stream, which then has nothing left to send.
+                Err(e) if e.downcast_ref::<restore::LeaseLost>().is_some() => return Err(e),
                 Err(e)
                     if haul_core::status::fatal_message(&e).is_some()
-                        || attempt >= RESTORE_ATTEMPTS =>
-                {
-                    self.inner.spool.remove(&path).await;
-                    return Err(e);
-                }
-                // Retrying cannot help: the spool changed or vanished, or the lease moved on.
-                Err(e)
-                    if e.downcast_ref::<restore::SpoolCorrupt>().is_some()
-                        || e.downcast_ref::<restore::LeaseLost>().is_some()
+                        || attempt >= RESTORE_ATTEMPTS
+                        || e.downcast_ref::<restore::SpoolCorrupt>().is_some()
                         || e.chain().any(|c| {
                             c.downcast_ref::<std::io::Error>()
                                 .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
                         }) =>
                 {
+                    // Retrying from this spool cannot help: drop it.
                     self.inner.spool.remove(&path).await;
+                    partials.forget(job_id, chunk_id);
                     return Err(e);
                 }
                 Err(e) => {
                     tracing::warn!(
-                        chunk = header.chunk_id,
+                        chunk = chunk_id,
                         attempt,
                         "failed to restore, retrying from spool: {e:#}"
                     );
-                    tokio::time::sleep(restore_backoff(attempt)).await;
+                    tokio::select! {
+                        _ = stop.cancelled() => return Err(partial_stopped(chunk_id)),
+                        _ = tokio::time::sleep(restore_backoff(attempt)) => {}
+                    }
                 }
             }
         };
         self.inner.spool.remove(&path).await;
+        partials.forget(job_id, chunk_id);
+        drop(claim);
         Ok(match applied {
             Applied::Now { rows } => pb::ChunkReceipt {
                 rows,
                 already_applied: false,
                 snapshot_id: header.snapshot_id.clone(),
+                resumed_bytes: header.resume_from,
+                resent_bytes: record.resent,
             },
             Applied::Before { rows, snapshot_id } => pb::ChunkReceipt {
                 rows,
                 already_applied: true,
                 snapshot_id,
+                resumed_bytes: header.resume_from,
+                resent_bytes: record.resent,
             },
         })
     }
 
-    /// Spool the blocks and check the trailer's digest. Returns raw bytes and digest.
+    /// Spool the blocks after `offset` and check the trailer's digest over the whole chunk.
+    /// Every complete frame is handed to the OS as it arrives, so a stream cut at any point
+    /// leaves a spool the next stream can continue. Returns raw bytes and digest.
+    #[allow(clippy::too_many_arguments)]
     async fn receive(
         &self,
         frames: &mut Streaming<pb::ChunkFrame>,
         codec: Codec,
         path: &std::path::Path,
+        mut file: tokio::io::BufWriter<tokio::fs::File>,
+        mut hasher: blake3::Hasher,
+        offset: u64,
+        (job_id, chunk_id, record): (&str, u64, &mut partial::Record),
+        stop: &CancellationToken,
     ) -> anyhow::Result<(u64, Vec<u8>)> {
-        let mut file = self.inner.spool.create(path).await?;
-        let mut hasher = blake3::Hasher::new();
-        let (mut raw_bytes, mut blocks) = (0u64, 0u64);
-        while let Some(frame) = frames.next().await {
-            let frame = frame.map_err(|s| anyhow::anyhow!("receive chunk: {}", s.message()))?;
+        let (mut raw_bytes, mut blocks) = (offset, 0u64);
+        loop {
+            let frame = tokio::select! {
+                _ = stop.cancelled() => {
+                    file.flush().await.map_err(|e| spool::write_error(e, path))?;
+                    return Err(partial_stopped(chunk_id));
+                }
+                f = frames.next() => f,
+            };
+            let Some(frame) = frame else {
+                file.flush()
+                    .await
+                    .map_err(|e| spool::write_error(e, path))?;
+                anyhow::bail!("chunk stream ended before its trailer; what arrived is kept");
+            };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(s) => {
+                    file.flush()
+                        .await
+                        .map_err(|e| spool::write_error(e, path))?;
+                    anyhow::bail!("receive chunk: {}", s.message());
+                }
+            };
             match frame.frame {
                 Some(pb::chunk_frame::Frame::Block(b)) => {
                     let raw_len = b.raw_len as usize;
@@ -288,9 +428,17 @@ impl ReceiverService {
                     .await
                     .context("decode task")??;
                     hasher.update(&raw);
-                    raw_bytes += raw.len() as u64;
-                    blocks += 1;
                     spool::write_frame(&mut file, path, raw_len as u32, &payload).await?;
+                    file.flush()
+                        .await
+                        .map_err(|e| spool::write_error(e, path))?;
+                    let end = raw_bytes + raw.len() as u64;
+                    // Bytes below the high-water mark arrived once before.
+                    record.resent += end.min(record.high_water).saturating_sub(raw_bytes);
+                    record.high_water = record.high_water.max(end);
+                    self.inner.partials.put(job_id, chunk_id, record)?;
+                    raw_bytes = end;
+                    blocks += 1;
                 }
                 Some(pb::chunk_frame::Frame::Trailer(t)) => {
                     file.flush()
@@ -301,18 +449,16 @@ impl ReceiverService {
                         || t.raw_bytes != raw_bytes
                         || t.blocks != blocks
                     {
-                        anyhow::bail!(
-                            "chunk digest mismatch: received {raw_bytes} bytes in {blocks} blocks, sender sent {} in {}; discarded",
-                            t.raw_bytes,
-                            t.blocks
-                        );
+                        return Err(anyhow::Error::new(DigestMismatch(format!(
+                            "chunk digest mismatch: received {raw_bytes} bytes ({blocks} blocks in this stream), sender sent {} in {}; discarded",
+                            t.raw_bytes, t.blocks
+                        ))));
                     }
                     return Ok((raw_bytes, t.digest));
                 }
                 _ => anyhow::bail!("unexpected frame in chunk stream"),
             }
         }
-        anyhow::bail!("chunk stream ended before its trailer; discarded")
     }
 
     async fn finalize_inner(&self, req: pb::FinalizeRequest) -> anyhow::Result<pb::FinalizeReply> {
@@ -332,9 +478,29 @@ impl ReceiverService {
         let tables: Vec<TableName> = req.verify_tables.iter().map(TableName::from).collect();
         let digests = schema::digests(target, tables, req.parallel.max(1) as usize).await?;
         self.inner.spool.remove_job(&req.job_id).await;
+        self.inner.partials.forget_job(&req.job_id);
         Ok(pb::FinalizeReply {
             post_data_objects: post_objects,
             digests,
         })
     }
+}
+
+/// The chunk's bytes do not hash to what the sender says it sent: they are discarded.
+#[derive(Debug)]
+struct DigestMismatch(String);
+
+impl std::fmt::Display for DigestMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DigestMismatch {}
+
+/// A stream under a newer lease took the chunk over; what this one spooled is kept for it.
+fn partial_stopped(chunk_id: u64) -> anyhow::Error {
+    anyhow::Error::new(restore::LeaseLost(format!(
+        "chunk {chunk_id}: a stream under a newer lease took over; this one stopped"
+    )))
 }

@@ -41,11 +41,29 @@ impl Spool {
         self.dir.join(safe)
     }
 
-    /// One file per lease: a superseded stream of the same chunk may still be arriving (or
-    /// cleaning up) while its successor spools, and they must not share a file.
-    pub fn chunk_path(&self, job_id: &str, chunk_id: u64, epoch: u64) -> PathBuf {
-        self.job_dir(job_id)
-            .join(format!("chunk-{chunk_id}-{epoch}.spool"))
+    /// One file per chunk, whatever its lease: a stream under a new lease continues the file
+    /// where an earlier stream left it. `partial::Partials` lets one stream at a time own it.
+    pub fn chunk_path(&self, job_id: &str, chunk_id: u64) -> PathBuf {
+        self.job_dir(job_id).join(format!("chunk-{chunk_id}.spool"))
+    }
+
+    /// Every chunk spool file present, of every job.
+    pub fn chunk_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for job in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(job.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = f.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with("chunk-") && name.ends_with(".spool") {
+                    files.push(f.path());
+                }
+            }
+        }
+        files
     }
 
     pub fn schema_path(&self, job_id: &str, section: &str) -> PathBuf {
@@ -61,6 +79,22 @@ impl Spool {
         let f = File::create(path)
             .await
             .with_context(|| format!("create spool file {}", path.display()))?;
+        Ok(BufWriter::with_capacity(256 * 1024, f))
+    }
+
+    /// Open a spool file to add frames after its first `len` bytes (a resumed chunk).
+    pub async fn append(&self, path: &Path, len: u64) -> anyhow::Result<BufWriter<File>> {
+        let mut f = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .await
+            .with_context(|| format!("open spool file {}", path.display()))?;
+        f.set_len(len)
+            .await
+            .with_context(|| format!("truncate spool file {}", path.display()))?;
+        tokio::io::AsyncSeekExt::seek(&mut f, std::io::SeekFrom::Start(len))
+            .await
+            .with_context(|| format!("seek in spool file {}", path.display()))?;
         Ok(BufWriter::with_capacity(256 * 1024, f))
     }
 
@@ -118,6 +152,8 @@ pub async fn write_frame(
 pub struct SpoolReader {
     r: BufReader<File>,
     codec: Codec,
+    /// Bytes of the file consumed by complete frames so far.
+    pos: u64,
 }
 
 impl SpoolReader {
@@ -128,7 +164,13 @@ impl SpoolReader {
         Ok(SpoolReader {
             r: BufReader::with_capacity(256 * 1024, f),
             codec,
+            pos: 0,
         })
+    }
+
+    /// Where the next frame starts in the file.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     /// The next decoded block, or `None` at the end of the file.
@@ -157,6 +199,7 @@ impl SpoolReader {
         let raw = tokio::task::spawn_blocking(move || decode(codec, &payload, raw_len))
             .await
             .context("decode task")??;
+        self.pos += 8 + payload_len as u64;
         Ok(Some(raw))
     }
 }

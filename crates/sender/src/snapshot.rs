@@ -3,6 +3,10 @@
 //! one instant. The exporting transaction must stay open for as long as anyone imports it,
 //! so [`SnapshotHolder`] lives until the job is finalized.
 //!
+//! Readers turn off synchronized and parallel scans, so reading a chunk again under the same
+//! snapshot gives the same bytes in the same order: that is what lets a broken stream resume
+//! at a byte offset (the receiver checks the re-read prefix's hash anyway).
+//!
 //! Chunk connections run each COPY inside a savepoint that is rolled back afterwards: locks
 //! taken in a subtransaction are released on rollback, so a connection that copies ten
 //! thousand tables never holds ten thousand locks.
@@ -54,7 +58,8 @@ impl SnapshotReader {
         client
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}; \
-                 SET LOCAL row_security = off; SAVEPOINT haul_chunk",
+                 SET LOCAL row_security = off; SET LOCAL synchronize_seqscans = off; \
+                 SET LOCAL max_parallel_workers_per_gather = 0; SAVEPOINT haul_chunk",
                 haul_core::ident::quote_literal(snapshot_id)
             ))
             .await

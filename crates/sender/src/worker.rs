@@ -251,6 +251,8 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             digest: out.digest,
                             already_applied: out.already_applied,
                             snapshot_id: out.snapshot_id,
+                            resumed_bytes: out.resumed_bytes,
+                            resent_bytes: out.resent_bytes,
                         };
                         deliver("report chunk", || {
                             let mut c = shared.peers.coordinator();
