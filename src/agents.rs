@@ -139,6 +139,11 @@ pub async fn sender(a: SenderArgs, shutdown: CancellationToken) -> anyhow::Resul
     let state: PathBuf = required(a.state, "state")?;
     let certs: PathBuf = required(a.certs, "certs")?;
     let name = a.name.unwrap_or_else(|| "sender".to_string());
+    let staging_bytes = match &a.staging_size {
+        Some(s) => haul_core::bandwidth::parse_size(s)
+            .map_err(|e| anyhow::anyhow!("--staging-size {s:?}: {e:#}"))?,
+        None => 2_000_000_000,
+    };
     let tls = load_tls(&certs, Role::Sender, &name)?;
     haul_sender::run(
         haul_sender::SenderConfig {
@@ -148,6 +153,7 @@ pub async fn sender(a: SenderArgs, shutdown: CancellationToken) -> anyhow::Resul
             tls,
             name,
             slots: a.slots.unwrap_or(8).max(1),
+            staging_bytes,
         },
         shutdown,
     )

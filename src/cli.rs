@@ -156,6 +156,10 @@ pub struct SenderArgs {
     /// Chunks read at once (source connections).
     #[arg(long)]
     pub slots: Option<usize>,
+    /// Local disk for staging chunks ahead of the link, so a restarted sender continues them
+    /// instead of reading them again under a new snapshot (default 2GB; 0 turns staging off).
+    #[arg(long, value_name = "SIZE")]
+    pub staging_size: Option<String>,
 }
 
 /// What to move and how: shared by `start` and `copy`.

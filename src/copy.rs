@@ -98,6 +98,9 @@ pub async fn run(a: CopyArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
             tls: load_tls(&certs, Role::Sender, "sender")?,
             name: "sender".into(),
             slots: options.jobs as usize,
+            // One process holds all three roles: a restart loses everything at once, so
+            // staging would only cost disk.
+            staging_bytes: 0,
         };
         let token = agents.clone();
         tasks.spawn(async move { ("sender", haul_sender::run(cfg, token).await) });

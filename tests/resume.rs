@@ -114,3 +114,35 @@ fn unreadable_receiver_state_is_rebuilt() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_killed_sender_continues_its_staged_chunks() -> anyhow::Result<()> {
+    let mut m = Move::new(setup())?;
+    // The chunks in flight are staged whole within moments (the source is local and fast);
+    // the kill loses the snapshot but not their bytes.
+    wait_for_bytes(&m, 6_000_000);
+    m.sender.restart()?;
+    let s = m.finish()?;
+    let link = m.to_receiver.as_ref().expect("link");
+    let resumed = s["resumed_bytes_done"].as_u64().unwrap_or(0);
+    let wire = s["wire_bytes_done"].as_u64().unwrap_or(0);
+    let crossed = link.forwarded_up();
+    eprintln!("resume: {resumed} bytes resumed after a sender kill, {crossed} crossed for {wire} applied: {s}");
+    assert!(
+        resumed >= 2 * BLOCK,
+        "the restarted sender did not continue its staged chunks: {s}"
+    );
+    assert_eq!(s["resent_bytes_done"], 0, "{s}");
+    let useful = wire + resumed;
+    assert!(
+        crossed <= useful + useful / 100 + 2 * BLOCK,
+        "{crossed} bytes crossed the link for {useful} bytes of chunks"
+    );
+    // The staged chunks keep the snapshot they were read under; the rest use the new one.
+    assert_eq!(s["consistent"], false, "{s}");
+    assert!(m
+        .sender
+        .log_text()
+        .contains("kept a staged chunk from before the restart"));
+    Ok(())
+}

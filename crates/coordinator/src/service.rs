@@ -189,6 +189,7 @@ impl State {
                         else {
                             continue;
                         };
+                        let first_lease = c.epoch == 0;
                         c.epoch = (c.epoch + 1).max(self.epoch_base);
                         c.state = ChunkState::Leased {
                             agent: agent.to_string(),
@@ -207,6 +208,7 @@ impl State {
                             options: Some(j.record.options.to_wire()),
                             est_bytes: c.est_bytes,
                             renew_ms: (lease_timeout.as_millis() / 4).clamp(200, 15_000) as u32,
+                            first_lease,
                         }));
                     }
                     if j.record.phase == Phase::Finalizing

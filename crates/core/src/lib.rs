@@ -9,9 +9,11 @@ pub mod chunk;
 pub mod codec;
 pub mod digest;
 pub mod failpoint;
+pub mod frames;
 pub mod ident;
 pub mod pg;
 pub mod schema_script;
+pub mod state;
 pub mod status;
 
 /// Raw bytes per block: what a sender accumulates before compressing and sending one frame.

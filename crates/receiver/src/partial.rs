@@ -72,41 +72,17 @@ pub struct Claim {
     pub scan: OwnedMutexGuard<Option<Scan>>,
 }
 
-fn key(job_id: &str, chunk_id: u64) -> Vec<u8> {
-    let mut k = job_id.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(&chunk_id.to_be_bytes());
-    k
-}
-
-fn parse_key(k: &[u8]) -> Option<(String, u64)> {
-    let zero = k.iter().position(|&b| b == 0)?;
-    let job = std::str::from_utf8(&k[..zero]).ok()?.to_string();
-    let id: [u8; 8] = k.get(zero + 1..)?.try_into().ok()?;
-    Some((job, u64::from_be_bytes(id)))
-}
+use haul_core::state::{chunk_key as key, job_prefix, parse_chunk_key as parse_key};
 
 impl Partials {
-    /// Open the receiver's state under `state_dir`. State that cannot be opened (corrupt,
-    /// written by an incompatible version) is moved aside and started afresh, with a warning:
-    /// it only speeds up resume, the target's ledger is the authority.
+    /// Open the receiver's state under `state_dir` (rebuilt empty if unreadable: it only
+    /// speeds up resume, the target's ledger is the authority).
     pub fn open(state_dir: &Path) -> anyhow::Result<Partials> {
-        let path = state_dir.join("receiver.sled");
-        let db = match open_db(&path) {
-            Ok(db) => db,
-            Err(e) => {
-                let aside = aside_path(&path);
-                tracing::warn!(
-                    "receiver state {} is unreadable ({e:#}); moved it to {} and started afresh: partly received chunks will be sent again from their start, and the target's ledger still says what is applied",
-                    path.display(),
-                    aside.display()
-                );
-                std::fs::rename(&path, &aside).with_context(|| {
-                    format!("move unreadable receiver state {} aside", path.display())
-                })?;
-                open_db(&path)?
-            }
-        };
+        let db = haul_core::state::open_or_rebuild(
+            &state_dir.join("receiver.sled"),
+            "receiver state",
+            "partly received chunks will be sent again from their start, and the target's ledger still says what is applied",
+        )?;
         let tree = db
             .open_tree("partials")
             .context("open sled tree partials")?;
@@ -208,38 +184,13 @@ impl Partials {
     }
 
     pub fn forget_job(&self, job_id: &str) {
-        let mut prefix = job_id.as_bytes().to_vec();
-        prefix.push(0);
-        for (k, _) in self.tree.scan_prefix(&prefix).flatten() {
+        for (k, _) in self.tree.scan_prefix(job_prefix(job_id)).flatten() {
             let _ = self.tree.remove(k);
         }
         if let Ok(mut slots) = self.slots.lock() {
             slots.retain(|(job, _), _| job != job_id);
         }
     }
-}
-
-fn open_db(path: &Path) -> anyhow::Result<sled::Db> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(8 << 20)
-        .open()
-        .with_context(|| {
-            format!(
-                "open receiver state {} (is another receiver using this --state directory?)",
-                path.display()
-            )
-        })
-}
-
-fn aside_path(path: &Path) -> PathBuf {
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".unreadable-{stamp}"));
-    path.with_file_name(name)
 }
 
 fn poisoned() -> anyhow::Error {
@@ -298,14 +249,6 @@ pub async fn scan(path: &Path, codec: Codec) -> anyhow::Result<Scan> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_round_trip() {
-        let k = key("job-1", 42);
-        assert_eq!(parse_key(&k), Some(("job-1".to_string(), 42)));
-        assert_eq!(parse_key(b"no-separator"), None);
-        assert_eq!(parse_key(b"job\0short"), None);
-    }
 
     #[tokio::test]
     async fn scan_keeps_complete_frames_and_cuts_a_torn_tail() -> anyhow::Result<()> {

@@ -164,8 +164,18 @@ impl ReceiverService {
         r: pb::BeginChunkRequest,
     ) -> anyhow::Result<pb::BeginChunkReply> {
         let partials = &self.inner.partials;
-        let client = self.inner.pool.get().await?;
-        if let Some((rows, snapshot_id)) = ledger::applied(&client, &r.job_id, r.chunk_id).await? {
+        // The ledger answer only saves bytes; the ledger claim at restore is what keeps a
+        // chunk applied once. A target that is away (restarting) does not stop the bytes from
+        // crossing meanwhile: the restore waits for it, from the spool.
+        let applied = match self.inner.pool.get().await {
+            Ok(client) => ledger::applied(&client, &r.job_id, r.chunk_id).await,
+            Err(e) => Err(e),
+        };
+        let applied = applied.unwrap_or_else(|e| {
+            tracing::debug!(chunk = r.chunk_id, "ledger not readable now: {e:#}");
+            None
+        });
+        if let Some((rows, snapshot_id)) = applied {
             // Applied, perhaps just before a crash that left its spool behind.
             if let Ok(_claim) = partials.claim(&r.job_id, r.chunk_id, r.epoch).await {
                 self.inner
@@ -181,7 +191,6 @@ impl ReceiverService {
                 ..Default::default()
             });
         }
-        drop(client);
         let Some(record) = partials.record(&r.job_id, r.chunk_id) else {
             return Ok(pb::BeginChunkReply::default());
         };

@@ -1,17 +1,18 @@
 //! The spool: chunks land on the receiver's disk before they go to the target, so a target
 //! hiccup is retried from local disk instead of re-crossing the WAN (decision 3 of the brief).
 //!
-//! A spool file holds the chunk's frames as they arrived, compressed:
-//! `[raw_len: u32 LE][payload_len: u32 LE][payload]` repeated. Reading back decodes each block
+//! A spool file holds the chunk's frames as they arrived, compressed (a `haul_core::frames`
+//! file). Reading back decodes each block
 //! through the one capped decoder and re-hashes it, so a file altered on disk is caught before
 //! its rows can commit.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use haul_core::codec::{decode, Codec};
+use haul_core::frames::FrameReader;
 use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::BufWriter;
 
 pub struct Spool {
     dir: PathBuf,
@@ -136,70 +137,39 @@ pub async fn write_frame(
     raw_len: u32,
     payload: &[u8],
 ) -> anyhow::Result<()> {
-    w.write_all(&raw_len.to_le_bytes())
+    haul_core::frames::write_frame(w, raw_len, payload)
         .await
-        .map_err(|e| write_error(e, path))?;
-    w.write_all(&(payload.len() as u32).to_le_bytes())
-        .await
-        .map_err(|e| write_error(e, path))?;
-    w.write_all(payload)
-        .await
-        .map_err(|e| write_error(e, path))?;
-    Ok(())
+        .map_err(|e| write_error(e, path))
 }
 
-/// Reads a spool file back block by block.
+/// Reads a spool file back block by block, decoded.
 pub struct SpoolReader {
-    r: BufReader<File>,
+    frames: FrameReader,
     codec: Codec,
-    /// Bytes of the file consumed by complete frames so far.
-    pos: u64,
 }
 
 impl SpoolReader {
     pub async fn open(path: &Path, codec: Codec) -> anyhow::Result<SpoolReader> {
-        let f = File::open(path)
+        let frames = FrameReader::open(path)
             .await
             .with_context(|| format!("open spool file {}", path.display()))?;
-        Ok(SpoolReader {
-            r: BufReader::with_capacity(256 * 1024, f),
-            codec,
-            pos: 0,
-        })
+        Ok(SpoolReader { frames, codec })
     }
 
     /// Where the next frame starts in the file.
     pub fn position(&self) -> u64 {
-        self.pos
+        self.frames.position()
     }
 
     /// The next decoded block, or `None` at the end of the file.
     pub async fn next_block(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
-        let mut head = [0u8; 8];
-        match self.r.read_exact(&mut head[..4]).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(e) => return Err(e).context("read spool"),
-        }
-        self.r
-            .read_exact(&mut head[4..])
-            .await
-            .context("spool file truncated")?;
-        let raw_len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let payload_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        if payload_len > haul_core::MAX_MESSAGE_BYTES {
-            bail!("spool frame claims {payload_len} bytes: the spool file is corrupt");
-        }
-        let mut payload = vec![0u8; payload_len];
-        self.r
-            .read_exact(&mut payload)
-            .await
-            .context("spool file truncated")?;
+        let Some((raw_len, payload)) = self.frames.next_frame().await? else {
+            return Ok(None);
+        };
         let codec = self.codec;
-        let raw = tokio::task::spawn_blocking(move || decode(codec, &payload, raw_len))
+        let raw = tokio::task::spawn_blocking(move || decode(codec, &payload, raw_len as usize))
             .await
             .context("decode task")??;
-        self.pos += 8 + payload_len as u64;
         Ok(Some(raw))
     }
 }

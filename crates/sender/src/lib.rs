@@ -16,6 +16,7 @@ mod finalize;
 mod peers;
 mod plan;
 mod snapshot;
+mod staging;
 mod transfer;
 mod worker;
 
@@ -40,6 +41,8 @@ pub struct SenderConfig {
     pub name: String,
     /// How many chunks this sender works on at once.
     pub slots: usize,
+    /// Disk the staging area may use (under the state directory); 0 = never stage.
+    pub staging_bytes: u64,
 }
 
 /// Run until `shutdown` is cancelled. Returns after every worker has stopped.

@@ -6,6 +6,7 @@
 //! Memory per chunk in flight is bounded by one block being filled, one being compressed and
 //! the frame channel's capacity: a few MiB whatever the table's size.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -14,9 +15,11 @@ use futures::StreamExt;
 use haul_core::bandwidth::Limiter;
 use haul_core::chunk::{table_from_wire, Column, Range};
 use haul_core::codec::Codec;
+use haul_core::frames::FrameReader;
 use haul_core::ident::quote_ident;
 use haul_core::status::{fatal, from_status};
 use haul_proto as pb;
+use tokio::io::AsyncWriteExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::snapshot::SnapshotReader;
@@ -77,23 +80,40 @@ pub async fn run(
         .collect::<anyhow::Result<_>>()?;
     let range = Range::from_wire(lease.range.as_ref())?;
     let options = lease.options.clone().unwrap_or_default();
-    let codec = Codec::from_wire(options.codec, options.zstd_level)?;
+    let (job_id, chunk_id) = (lease.job_id.as_str(), lease.chunk_id);
+
+    // Where the bytes come from: a complete stage (read earlier, perhaps by this sender's
+    // previous process, under the snapshot it names), or the source under the lease's snapshot,
+    // staged on the way when there is room, else straight onto the wire.
+    let staged = shared.staging.complete(job_id, chunk_id);
+    let (codec, snapshot_id) = match &staged {
+        Some(st) => (
+            Codec::from_wire(st.codec, st.zstd_level)?,
+            st.snapshot_id.clone(),
+        ),
+        None => (
+            Codec::from_wire(options.codec, options.zstd_level)?,
+            lease.snapshot_id.clone(),
+        ),
+    };
 
     let mut receiver = shared.peers.receiver(&lease.receiver_addr).await?;
-    // Ask first only when it can save something: a re-lease, or a chunk big enough that not
-    // re-sending it matters. Either way the target's ledger guarantees it is applied once.
+    // Ask first only when it can save something: a re-lease (the receiver may hold part or
+    // all of the chunk), or a chunk big enough that not re-sending it matters. Either way the
+    // target's ledger guarantees it is applied once.
     let mut resume = None;
-    if lease.epoch > 1 || lease.est_bytes >= ASK_FIRST_BYTES {
+    if !lease.first_lease || lease.est_bytes >= ASK_FIRST_BYTES || staged.is_some() {
         let begin = receiver
             .begin_chunk(pb::BeginChunkRequest {
-                job_id: lease.job_id.clone(),
-                chunk_id: lease.chunk_id,
+                job_id: job_id.to_string(),
+                chunk_id,
                 epoch: lease.epoch,
             })
             .await
             .map_err(|s| from_status(s, "receiver refused to begin chunk"))?
             .into_inner();
         if begin.already_applied {
+            shared.staging.remove(job_id, chunk_id).await;
             return Ok(Outcome {
                 rows: begin.rows,
                 raw_bytes: 0,
@@ -106,9 +126,9 @@ pub async fn run(
             });
         }
         // Bytes of two snapshots are never joined in one chunk: only a prefix read under the
-        // lease's snapshot is continued.
+        // same snapshot as the rest is continued.
         if begin.resume_from > 0
-            && begin.resume_snapshot_id == lease.snapshot_id
+            && begin.resume_snapshot_id == snapshot_id
             && begin.resume_codec == codec.to_wire().0 as i32
         {
             resume = Some(Prefix {
@@ -119,28 +139,32 @@ pub async fn run(
     }
 
     // A reader inside this job's snapshot; a reader of another job's snapshot is replaced.
-    let fresh = !matches!(reader, Some(r) if r.job_id == lease.job_id && r.snapshot_id == lease.snapshot_id);
-    if fresh {
-        *reader = Some(
-            SnapshotReader::open(&shared.config.source, &lease.job_id, &lease.snapshot_id).await?,
-        );
+    // A staged chunk needs none: its snapshot may be long gone.
+    if staged.is_none() {
+        let fresh = !matches!(reader, Some(r) if r.job_id == lease.job_id && r.snapshot_id == lease.snapshot_id);
+        if fresh {
+            *reader = Some(
+                SnapshotReader::open(&shared.config.source, job_id, &lease.snapshot_id).await?,
+            );
+        }
     }
-    let client = &reader.as_ref().context("snapshot reader")?.client;
+    let stage_now = staged.is_none() && shared.staging.reserve(job_id, chunk_id, lease.est_bytes);
 
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::ChunkFrame>(FRAMES_IN_FLIGHT);
     let call = tokio::spawn(async move { receiver.push_chunk(ReceiverStream::new(rx)).await });
     let header = pb::ChunkHeader {
-        job_id: lease.job_id.clone(),
-        chunk_id: lease.chunk_id,
+        job_id: job_id.to_string(),
+        chunk_id,
         epoch: lease.epoch,
         table: lease.table.clone(),
         columns: lease.columns.clone(),
         codec: codec.to_wire().0 as i32,
-        snapshot_id: lease.snapshot_id.clone(),
+        snapshot_id: snapshot_id.clone(),
         resume_from: 0,
         prefix_digest: Vec::new(),
     };
     let started = Instant::now();
+    let client = reader.as_ref().map(|r| &r.client);
     let read = Read {
         shared,
         limiter,
@@ -153,13 +177,59 @@ pub async fn run(
     };
     let mut resumed_bytes = resume.as_ref().map_or(0, |p| p.bytes);
     let streamed = async {
-        let mut copied = read.copy(header.clone(), resume.as_ref()).await;
+        let send = |prefix: Option<Prefix>| {
+            let (read, header) = (&read, header.clone());
+            let staged = staged.clone();
+            async move {
+                match staged {
+                    Some(st) => {
+                        let (_done, progress) = tokio::sync::watch::channel(Progress {
+                            frames: st.frames,
+                            done: Some((st.raw_bytes, st.digest)),
+                            failed: false,
+                        });
+                        let path = shared.staging.path(job_id, chunk_id);
+                        read.send_staged(&path, progress, header, prefix.as_ref())
+                            .await
+                    }
+                    None => read.copy(header, prefix.as_ref()).await,
+                }
+            }
+        };
+        if stage_now {
+            // Read into staging as fast as the source allows while sending from it.
+            let (progress_tx, progress) = tokio::sync::watch::channel(Progress::default());
+            let path = shared.staging.path(job_id, chunk_id);
+            let stage = read.stage(job_id, chunk_id, &snapshot_id, progress_tx);
+            let sent = async {
+                let mut sent = read
+                    .send_staged(&path, progress.clone(), header.clone(), resume.as_ref())
+                    .await;
+                if let Err(e) = &sent {
+                    if let Some(m) = e.downcast_ref::<PrefixMismatch>() {
+                        tracing::warn!(chunk = chunk_id, %table, "{m}");
+                        resumed_bytes = 0;
+                        sent = read
+                            .send_staged(&path, progress.clone(), header.clone(), None)
+                            .await;
+                    }
+                }
+                sent
+            };
+            let (staged, sent) = tokio::join!(stage, sent);
+            if let Err(e) = staged {
+                shared.staging.remove(job_id, chunk_id).await;
+                return Err(e);
+            }
+            return sent;
+        }
+        let mut copied = send(resume).await;
         if let Err(e) = &copied {
             if let Some(m) = e.downcast_ref::<PrefixMismatch>() {
                 // Nothing has been sent yet: read the chunk again and send all of it.
-                tracing::warn!(chunk = lease.chunk_id, %table, "{m}");
+                tracing::warn!(chunk = chunk_id, %table, "{m}");
                 resumed_bytes = 0;
-                copied = read.copy(header.clone(), None).await;
+                copied = send(None).await;
             }
         }
         copied
@@ -175,19 +245,17 @@ pub async fn run(
             {
                 return Err(from_status(
                     status,
-                    &format!("receiver refused chunk {} ({table})", lease.chunk_id),
+                    &format!("receiver refused chunk {chunk_id} ({table})"),
                 ));
             }
             return Err(e);
         }
     };
-    tx.send(pb::ChunkFrame {
-        frame: Some(pb::chunk_frame::Frame::Trailer(pb::ChunkTrailer {
-            raw_bytes,
-            blocks,
-            digest: digest.as_bytes().to_vec(),
-        })),
-    })
+    tx.send(frame(pb::chunk_frame::Frame::Trailer(pb::ChunkTrailer {
+        raw_bytes,
+        blocks,
+        digest: digest.clone(),
+    })))
     .await
     .ok();
     drop(tx);
@@ -197,19 +265,20 @@ pub async fn run(
         .map_err(|s| {
             from_status(
                 s,
-                &format!("receiver did not apply chunk {} ({table})", lease.chunk_id),
+                &format!("receiver did not apply chunk {chunk_id} ({table})"),
             )
         })?
         .into_inner();
+    shared.staging.remove(job_id, chunk_id).await;
     tracing::debug!(
-        chunk = lease.chunk_id, %table, rows = receipt.rows, raw_bytes, wire_bytes,
+        chunk = chunk_id, %table, rows = receipt.rows, raw_bytes, wire_bytes,
         secs = started.elapsed().as_secs_f64(), "chunk applied"
     );
     Ok(Outcome {
         rows: receipt.rows,
         raw_bytes,
         wire_bytes,
-        digest: digest.as_bytes().to_vec(),
+        digest,
         already_applied: receipt.already_applied,
         snapshot_id: receipt.snapshot_id,
         resumed_bytes: receipt.resumed_bytes.max(resumed_bytes),
@@ -217,11 +286,37 @@ pub async fn run(
     })
 }
 
-/// One read of a chunk out of the source, sent as blocks.
+/// How far a chunk's staging has got: frames written, and once the whole chunk is staged its
+/// raw size and digest. Why a watch channel: the sending side follows the file as it grows and
+/// only ever needs the latest count.
+#[derive(Clone, Default)]
+struct Progress {
+    frames: u64,
+    done: Option<(u64, Vec<u8>)>,
+    failed: bool,
+}
+
+/// Where a read puts its blocks: onto the wire (limited, after the resume prefix), or into the
+/// staging file (as fast as the source goes).
+enum Out<'a> {
+    Wire {
+        header: pb::ChunkHeader,
+        resume: Option<&'a Prefix>,
+    },
+    Stage {
+        file: tokio::io::BufWriter<tokio::fs::File>,
+        path: &'a Path,
+        progress: &'a tokio::sync::watch::Sender<Progress>,
+    },
+}
+
+/// One read of a chunk: out of the source (onto the wire or into staging), or out of staging
+/// onto the wire.
 struct Read<'a> {
     shared: &'a Shared,
     limiter: &'a Limiter,
-    client: &'a tokio_postgres::Client,
+    /// The snapshot reader; none when the chunk comes from a complete stage.
+    client: Option<&'a tokio_postgres::Client>,
     table: &'a haul_core::ident::TableName,
     columns: &'a [Column],
     range: &'a Range,
@@ -230,36 +325,88 @@ struct Read<'a> {
 }
 
 impl Read<'_> {
-    /// COPY the chunk out inside the reader's savepoint, released afterwards whatever happened.
+    /// Read the chunk from the source straight onto the wire.
     async fn copy(
         &self,
         header: pb::ChunkHeader,
         resume: Option<&Prefix>,
-    ) -> anyhow::Result<(u64, u64, u64, blake3::Hash)> {
-        self.client
+    ) -> anyhow::Result<(u64, u64, u64, Vec<u8>)> {
+        let (raw, wire, blocks, digest) = self.source(Out::Wire { header, resume }).await?;
+        Ok((raw, wire, blocks, digest.as_bytes().to_vec()))
+    }
+
+    /// Read the chunk from the source into its staging file, then record it as complete.
+    async fn stage(
+        &self,
+        job_id: &str,
+        chunk_id: u64,
+        snapshot_id: &str,
+        progress: tokio::sync::watch::Sender<Progress>,
+    ) -> anyhow::Result<()> {
+        let staging = &self.shared.staging;
+        let path = staging.path(job_id, chunk_id);
+        let result = async {
+            let file = staging.create(job_id, chunk_id).await?;
+            let file = tokio::io::BufWriter::with_capacity(256 * 1024, file);
+            let (raw_bytes, _, frames, digest) = self
+                .source(Out::Stage {
+                    file,
+                    path: &path,
+                    progress: &progress,
+                })
+                .await?;
+            let (codec, zstd_level) = self.codec.to_wire();
+            let staged = crate::staging::Staged {
+                snapshot_id: snapshot_id.to_string(),
+                codec: codec as i32,
+                zstd_level,
+                raw_bytes,
+                frames,
+                digest: digest.as_bytes().to_vec(),
+            };
+            staging.finish(job_id, chunk_id, &staged).await?;
+            anyhow::Ok((raw_bytes, staged.digest))
+        }
+        .await;
+        match result {
+            Ok(done) => {
+                progress.send_modify(|p| p.done = Some(done));
+                Ok(())
+            }
+            Err(e) => {
+                progress.send_modify(|p| p.failed = true);
+                Err(e)
+            }
+        }
+    }
+
+    /// COPY the chunk out inside the reader's savepoint, released afterwards whatever happened.
+    async fn source(&self, out: Out<'_>) -> anyhow::Result<(u64, u64, u64, blake3::Hash)> {
+        let client = self.client.context("no source reader for the chunk")?;
+        client
             .batch_execute("SAVEPOINT haul_chunk")
             .await
             .context("savepoint on source")?;
-        let copied = self.stream(header, resume).await;
+        let copied = self.stream(client, out).await;
         // Rolling back to the savepoint (set when the reader opened; it survives the rollback)
         // releases this chunk's table lock and clears any error.
-        self.client
+        client
             .batch_execute("ROLLBACK TO SAVEPOINT haul_chunk")
             .await
             .context("release chunk savepoint on source")?;
         copied
     }
 
-    /// Send the header, then the chunk's blocks. With a `resume` prefix the first bytes are
-    /// read and hashed but not sent: the receiver holds them, and the header goes out only once
-    /// their hash matched the receiver's. Returns raw bytes (the whole chunk), wire bytes and
-    /// blocks (this stream), and the digest of the whole chunk.
+    /// Put the chunk's blocks where `out` says. Onto the wire, with a `resume` prefix, the first
+    /// bytes are read and hashed but not sent: the receiver holds them, and the header goes out
+    /// only once their hash matched the receiver's. Returns raw bytes (the whole chunk), wire
+    /// bytes and blocks (this stream or stage), and the digest of the whole chunk.
     async fn stream(
         &self,
-        mut header: pb::ChunkHeader,
-        resume: Option<&Prefix>,
+        client: &tokio_postgres::Client,
+        mut out: Out<'_>,
     ) -> anyhow::Result<(u64, u64, u64, blake3::Hash)> {
-        let (table, tx) = (self.table, self.tx);
+        let table = self.table;
         let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(&c.name)).collect();
         let select = format!(
             "SELECT {} FROM ONLY {}{}",
@@ -275,7 +422,7 @@ impl Read<'_> {
                 .unwrap_or_default()
         );
         let sql = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
-        let stream = self.client.copy_out(&sql).await.map_err(|e| {
+        let stream = client.copy_out(&sql).await.map_err(|e| {
             let line = format!(
                 "cannot read source table {table}: {}",
                 haul_core::pg::db_error_line(&e)
@@ -290,12 +437,17 @@ impl Read<'_> {
 
         let mut hasher = blake3::Hasher::new();
         let mut block = BytesMut::with_capacity(haul_core::BLOCK_BYTES);
-        let mut skip = resume.map_or(0, |p| p.bytes);
+        let mut skip = match &out {
+            Out::Wire {
+                resume: Some(p), ..
+            } => p.bytes,
+            _ => 0,
+        };
         let (mut raw_bytes, mut wire_bytes, mut blocks) = (skip, 0u64, 0u64);
-        if skip == 0 {
-            tx.send(frame(pb::chunk_frame::Frame::Header(header.clone())))
-                .await
-                .ok();
+        if let Out::Wire { header, .. } = &out {
+            if skip == 0 {
+                self.send_header(header.clone()).await;
+            }
         }
         loop {
             let next = stream.next().await;
@@ -312,55 +464,52 @@ impl Read<'_> {
                     hasher.update(&piece.split_to(n));
                     skip -= n as u64;
                     if skip == 0 {
-                        let prefix = resume.context("resume prefix")?;
-                        if hasher.finalize().as_bytes().as_slice() != prefix.digest.as_slice() {
-                            return Err(anyhow::Error::new(PrefixMismatch(format!(
-                                "the source gave other bytes for the first {} bytes of the chunk than the receiver holds (rows came back in another order); sending it from its start",
-                                prefix.bytes
-                            ))));
+                        if let Out::Wire {
+                            header,
+                            resume: Some(prefix),
+                        } = &mut out
+                        {
+                            check_prefix(&hasher, prefix)?;
+                            header.resume_from = prefix.bytes;
+                            header.prefix_digest = prefix.digest.clone();
+                            self.send_header(header.clone()).await;
                         }
-                        header.resume_from = prefix.bytes;
-                        header.prefix_digest = prefix.digest.clone();
-                        tx.send(frame(pb::chunk_frame::Frame::Header(header.clone())))
-                            .await
-                            .ok();
                     }
                 }
                 block.extend_from_slice(&piece);
             }
             if done && skip > 0 {
-                return Err(anyhow::Error::new(PrefixMismatch(format!(
-                    "the source gave fewer bytes for the chunk than the receiver holds ({} missing); sending it from its start",
-                    skip
-                ))));
+                return Err(short_source(skip));
             }
             while block.len() >= haul_core::BLOCK_BYTES || (done && !block.is_empty()) {
                 let take = block.len().min(haul_core::BLOCK_BYTES);
                 let raw = block.split_to(take).freeze();
                 hasher.update(&raw);
-                let raw_len = raw.len();
+                let raw_len = raw.len() as u32;
                 // Compression is CPU work: keep it off the async workers.
                 let codec = self.codec;
                 let payload = tokio::task::spawn_blocking(move || codec.encode(&raw))
                     .await
                     .context("compression task")??;
-                self.limiter.consume(payload.len()).await;
                 raw_bytes += raw_len as u64;
                 wire_bytes += payload.len() as u64;
                 blocks += 1;
-                self.shared
-                    .stats
-                    .add_bytes(raw_len as u64, payload.len() as u64);
-                let block = pb::ChunkBlock {
-                    raw_len: raw_len as u32,
-                    payload,
-                };
-                if tx
-                    .send(frame(pb::chunk_frame::Frame::Block(block)))
-                    .await
-                    .is_err()
-                {
-                    anyhow::bail!("receiver closed the chunk stream early");
+                match &mut out {
+                    Out::Wire { .. } => self.send_block(raw_len, payload).await?,
+                    Out::Stage {
+                        file,
+                        path,
+                        progress,
+                    } => {
+                        let write = async {
+                            haul_core::frames::write_frame(file, raw_len, &payload).await?;
+                            file.flush().await
+                        };
+                        write
+                            .await
+                            .with_context(|| format!("write staging file {}", path.display()))?;
+                        progress.send_modify(|p| p.frames += 1);
+                    }
                 }
             }
             if done {
@@ -369,6 +518,122 @@ impl Read<'_> {
         }
         Ok((raw_bytes, wire_bytes, blocks, hasher.finalize()))
     }
+
+    /// Send a chunk from its staging file, following it while it is still being written. With
+    /// a `resume` prefix, the frames the receiver holds are decoded and hashed, not sent.
+    async fn send_staged(
+        &self,
+        path: &Path,
+        mut progress: tokio::sync::watch::Receiver<Progress>,
+        mut header: pb::ChunkHeader,
+        resume: Option<&Prefix>,
+    ) -> anyhow::Result<(u64, u64, u64, Vec<u8>)> {
+        let mut frames = FrameReader::open(path).await?;
+        let mut hasher = blake3::Hasher::new();
+        let skip = resume.map_or(0, |p| p.bytes);
+        let (mut offset, mut read_frames, mut wire_bytes, mut blocks) = (0u64, 0u64, 0u64, 0u64);
+        if skip == 0 {
+            self.send_header(header.clone()).await;
+        }
+        loop {
+            let now = progress.borrow_and_update().clone();
+            if now.failed {
+                anyhow::bail!("staging chunk failed");
+            }
+            if read_frames == now.frames {
+                if now.done.is_some() {
+                    break;
+                }
+                progress.changed().await.context("staging chunk stopped")?;
+                continue;
+            }
+            let (raw_len, payload) = frames
+                .next_frame()
+                .await?
+                .context("staging file is shorter than its record")?;
+            read_frames += 1;
+            if offset < skip {
+                let codec = self.codec;
+                let raw = tokio::task::spawn_blocking(move || {
+                    haul_core::codec::decode(codec, &payload, raw_len as usize)
+                })
+                .await
+                .context("decode task")??;
+                hasher.update(&raw);
+                offset += raw.len() as u64;
+                if offset == skip {
+                    let prefix = resume.context("resume prefix")?;
+                    check_prefix(&hasher, prefix)?;
+                    header.resume_from = prefix.bytes;
+                    header.prefix_digest = prefix.digest.clone();
+                    self.send_header(header.clone()).await;
+                } else if offset > skip {
+                    return Err(anyhow::Error::new(PrefixMismatch(format!(
+                        "the receiver holds {skip} bytes of the chunk, which is not where a staged block ends; sending it from its start"
+                    ))));
+                }
+                continue;
+            }
+            offset += raw_len as u64;
+            wire_bytes += payload.len() as u64;
+            blocks += 1;
+            self.send_block(raw_len, payload).await?;
+        }
+        if offset < skip {
+            return Err(short_source(skip - offset));
+        }
+        let (raw_bytes, digest) = progress
+            .borrow()
+            .done
+            .clone()
+            .context("staging chunk did not finish")?;
+        anyhow::ensure!(
+            raw_bytes == offset,
+            "staging file holds {offset} bytes, its record says {raw_bytes}"
+        );
+        Ok((raw_bytes, wire_bytes, blocks, digest))
+    }
+
+    async fn send_header(&self, header: pb::ChunkHeader) {
+        self.tx
+            .send(frame(pb::chunk_frame::Frame::Header(header)))
+            .await
+            .ok();
+    }
+
+    /// One block onto the wire, within the bandwidth cap.
+    async fn send_block(&self, raw_len: u32, payload: Vec<u8>) -> anyhow::Result<()> {
+        self.limiter.consume(payload.len()).await;
+        self.shared
+            .stats
+            .add_bytes(raw_len as u64, payload.len() as u64);
+        let block = pb::ChunkBlock { raw_len, payload };
+        if self
+            .tx
+            .send(frame(pb::chunk_frame::Frame::Block(block)))
+            .await
+            .is_err()
+        {
+            anyhow::bail!("receiver closed the chunk stream early");
+        }
+        Ok(())
+    }
+}
+
+fn check_prefix(hasher: &blake3::Hasher, prefix: &Prefix) -> anyhow::Result<()> {
+    if hasher.finalize().as_bytes().as_slice() != prefix.digest.as_slice() {
+        return Err(anyhow::Error::new(PrefixMismatch(format!(
+            "the source gave other bytes for the first {} bytes of the chunk than the receiver holds (rows came back in another order); sending it from its start",
+            prefix.bytes
+        ))));
+    }
+    Ok(())
+}
+
+fn short_source(missing: u64) -> anyhow::Error {
+    anyhow::Error::new(PrefixMismatch(format!(
+        "the chunk is shorter than what the receiver holds ({missing} bytes missing); sending it from its start"
+    )))
 }
 
 fn frame(f: pb::chunk_frame::Frame) -> pb::ChunkFrame {

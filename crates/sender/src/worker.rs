@@ -34,6 +34,8 @@ pub struct Shared {
     pub config: SenderConfig,
     pub peers: Peers,
     pub stats: SenderStats,
+    /// Chunks read ahead of the link onto local disk, so a restart does not lose them.
+    pub staging: crate::staging::Staging,
     /// One cap for all of this sender's streams, from the job's options.
     limiter_rate: AtomicU64,
     limiter_slot: RwLock<Option<Arc<Limiter>>>,
@@ -57,7 +59,9 @@ struct Held {
 impl Shared {
     pub fn new(config: SenderConfig) -> anyhow::Result<Shared> {
         let peers = Peers::new(config.tls.clone(), &config.coordinator)?;
+        let staging = crate::staging::Staging::open(&config.state_dir, config.staging_bytes)?;
         Ok(Shared {
+            staging,
             config,
             peers,
             stats: SenderStats::default(),
@@ -284,8 +288,9 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
             }
             Some(pb::sender_task::Task::Finalize(f)) => {
                 let job = f.job_id.clone();
-                if let Err(e) = finalize::run(&shared, f).await {
-                    report_failure(&shared, "finalize", &job, 0, 0, e).await;
+                match finalize::run(&shared, f).await {
+                    Ok(()) => shared.staging.remove_job(&job).await,
+                    Err(e) => report_failure(&shared, "finalize", &job, 0, 0, e).await,
                 }
             }
         }
