@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::moves::{status, Move, Setup};
+use common::moves::{self, Setup};
 
 /// A small deterministic generator (xorshift), so a failing run can be replayed from its seed.
 struct Rng(u64);
@@ -44,7 +44,7 @@ fn chaos_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
     eprintln!("chaos seed {seed} ({events} events); replay with HAUL_CHAOS_SEED={seed}");
     let mut rng = Rng(seed);
 
-    let mut m = Move::new(Setup {
+    let mut m = moves::start(Setup {
         link_to_receiver: true,
         link_to_coordinator: true,
         lease_timeout: Some("5s"),
@@ -54,7 +54,7 @@ fn chaos_loses_nothing_and_duplicates_nothing() -> anyhow::Result<()> {
     let mut recoveries: Vec<(String, Duration)> = Vec::new();
     let mut done = m.wait_for_chunks(2)?;
     for _ in 0..events {
-        let s = status(&m.coord, &m.certs).unwrap_or_default();
+        let s = m.status().unwrap_or_default();
         if s["phase"] != "copying" || s["chunks"].as_u64().unwrap_or(0) <= done + 2 {
             break; // too close to the end for another event to mean anything
         }

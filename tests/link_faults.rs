@@ -7,11 +7,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::moves::{Move, Setup};
+use common::moves::{self, Setup};
 
 #[test]
 fn cuts_between_sender_and_receiver() -> anyhow::Result<()> {
-    let m = Move::new(Setup {
+    let m = moves::start(Setup {
         link_to_receiver: true,
         ..Default::default()
     })?;
@@ -33,7 +33,7 @@ fn cuts_between_sender_and_receiver() -> anyhow::Result<()> {
 
 #[test]
 fn stall_longer_than_the_lease_timeout() -> anyhow::Result<()> {
-    let m = Move::new(Setup {
+    let m = moves::start(Setup {
         link_to_receiver: true,
         link_to_coordinator: true,
         lease_timeout: Some("3s"),

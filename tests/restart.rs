@@ -6,11 +6,11 @@
 
 mod common;
 
-use common::moves::{Move, Setup};
+use common::moves::{self, Setup};
 
 #[test]
 fn coordinator_and_receiver_survive_kill_9() -> anyhow::Result<()> {
-    let mut m = Move::new(Setup::default())?;
+    let mut m = moves::start(Setup::default())?;
     let before = m.wait_for_chunks(3)?;
     m.coordinator.restart()?;
     let after_coordinator = m.wait_for_chunks(before + 3)?;
@@ -23,7 +23,7 @@ fn coordinator_and_receiver_survive_kill_9() -> anyhow::Result<()> {
 
 #[test]
 fn sender_restart_exports_a_new_snapshot() -> anyhow::Result<()> {
-    let mut m = Move::new(Setup::default())?;
+    let mut m = moves::start(Setup::default())?;
     let before = m.wait_for_chunks(3)?;
     m.sender.restart()?;
     m.wait_for_chunks(before + 3)?;

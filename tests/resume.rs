@@ -11,7 +11,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::moves::{Move, Setup};
+use common::moves::{self, Move, Setup};
 
 const BLOCK: u64 = 1 << 20;
 
@@ -38,7 +38,7 @@ fn wait_for_bytes(m: &Move, n: u64) {
 
 #[test]
 fn a_cut_link_resumes_at_the_receivers_offset() -> anyhow::Result<()> {
-    let m = Move::new(setup())?;
+    let m = moves::start(setup())?;
     let link = m.to_receiver.as_ref().expect("link");
     // The two bulk chunks go first (largest first); cut them twice, mid-block each time.
     wait_for_bytes(&m, 5_000_000);
@@ -82,7 +82,7 @@ fn a_cut_link_resumes_at_the_receivers_offset() -> anyhow::Result<()> {
 
 #[test]
 fn a_killed_receiver_resumes_from_its_spool() -> anyhow::Result<()> {
-    let mut m = Move::new(setup())?;
+    let mut m = moves::start(setup())?;
     wait_for_bytes(&m, 6_000_000);
     m.receiver.restart()?;
     let s = m.finish()?;
@@ -98,7 +98,7 @@ fn a_killed_receiver_resumes_from_its_spool() -> anyhow::Result<()> {
 
 #[test]
 fn unreadable_receiver_state_is_rebuilt() -> anyhow::Result<()> {
-    let mut m = Move::new(setup())?;
+    let mut m = moves::start(setup())?;
     wait_for_bytes(&m, 6_000_000);
     m.receiver.kill9();
     std::fs::write(
@@ -117,7 +117,7 @@ fn unreadable_receiver_state_is_rebuilt() -> anyhow::Result<()> {
 
 #[test]
 fn a_killed_sender_continues_its_staged_chunks() -> anyhow::Result<()> {
-    let mut m = Move::new(setup())?;
+    let mut m = moves::start(setup())?;
     // The chunks in flight are staged whole within moments (the source is local and fast);
     // the kill loses the snapshot but not their bytes.
     wait_for_bytes(&m, 6_000_000);

@@ -8,13 +8,13 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::moves::{Move, Setup};
+use common::moves::{self, Setup};
 use common::procs::HAUL;
 use common::{compare_databases, load_rich, Cluster, ClusterOptions};
 
 #[test]
 fn target_restart_is_retried_from_the_spool() -> anyhow::Result<()> {
-    let mut m = Move::new(Setup::default())?;
+    let mut m = moves::start(Setup::default())?;
     let done = m.wait_for_chunks(3)?;
     m.target.kill()?;
     std::thread::sleep(Duration::from_millis(1500));
@@ -93,7 +93,7 @@ fn full_spool_disk_is_reported_then_recovers() -> anyhow::Result<()> {
     }
     let _unmount = Unmount(mnt.path().to_path_buf());
 
-    let m = Move::new(Setup {
+    let m = moves::start(Setup {
         spool: Some(mnt.path().join("spool")),
         ..Default::default()
     })?;

@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::procs::{failure_line, free_addr, haul, Agent};
+use common::procs::{self, failure_line, free_addr, haul};
 use common::{compare_databases, load_rich};
 use haul_certs::{Mtls, Role, TlsFiles};
 use rustls_pki_types::pem::PemObject;
@@ -31,7 +31,7 @@ fn three_processes_move_and_refuse_strangers() -> anyhow::Result<()> {
 
     let coord = free_addr();
     let recv = free_addr();
-    let _coordinator = Agent::spawn(
+    let _coordinator = procs::spawn(
         dir.path(),
         "coordinator",
         &[
@@ -43,7 +43,7 @@ fn three_processes_move_and_refuse_strangers() -> anyhow::Result<()> {
             &d("certs"),
         ],
     )?;
-    let receiver = Agent::spawn(
+    let receiver = procs::spawn(
         dir.path(),
         "receiver",
         &[
@@ -61,7 +61,7 @@ fn three_processes_move_and_refuse_strangers() -> anyhow::Result<()> {
             &d("certs"),
         ],
     )?;
-    let sender = Agent::spawn(
+    let sender = procs::spawn(
         dir.path(),
         "sender",
         &[

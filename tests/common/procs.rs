@@ -1,72 +1,19 @@
-//! Running haul's roles as real processes in tests: spawn, log to a file, kill on drop.
+//! Running haul's roles as real processes in tests (the processes themselves are
+//! `haul_faults::Agent`): spawn, log to a file, kill on drop.
 
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 pub const HAUL: &str = env!("CARGO_BIN_EXE_haul");
 
-/// A role running as its own process; killed when dropped.
-pub struct Agent {
-    child: Child,
-    role: String,
-    args: Vec<String>,
-    pub log: PathBuf,
-}
+#[allow(unused_imports)]
+pub use haul_faults::{free_addr, Agent};
 
-impl Agent {
-    pub fn spawn(dir: &Path, role: &str, args: &[&str]) -> anyhow::Result<Agent> {
-        let log = dir.join(format!("{role}.log"));
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let child = Self::start(role, &args, &log)?;
-        Ok(Agent {
-            child,
-            role: role.to_string(),
-            args,
-            log,
-        })
-    }
-
-    fn start(role: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
-        // Append, so a restarted process's log follows its predecessor's.
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let err = out.try_clone()?;
-        Ok(Command::new(HAUL)
-            .arg(role)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()?)
-    }
-
-    /// SIGKILL: no chance to flush, drain or say goodbye.
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Start the same role again with the same arguments (state directories included).
-    pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill9();
-        self.child = Self::start(&self.role, &self.args, &self.log)?;
-        Ok(())
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Spawn a role of the haul binary under test.
+pub fn spawn(dir: &Path, role: &str, args: &[&str]) -> anyhow::Result<Agent> {
+    Agent::spawn(Path::new(HAUL), dir, role, args)
 }
 
 /// Run `haul ARGS` to completion.
@@ -76,12 +23,6 @@ pub fn haul(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run the haul binary")
-}
-
-/// A loopback address nobody listens on right now.
-pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
 }
 
 /// The last line of a failed command's stderr, after checking it failed cleanly: non-zero exit,

@@ -1,8 +1,6 @@
-//! A link emulator for tests: a TCP proxy placed between two haul agents whose faults can be
-//! changed while traffic flows. `tc netem` is not available here, so delay, rate caps, cuts,
-//! stalls and resets are made in user space, per direction, on every forwarded piece.
-
-#![allow(dead_code)]
+//! A link emulator: a TCP proxy placed between two haul agents whose faults can be changed
+//! while traffic flows. `tc netem` is not available here, so delay, rate caps, cuts, stalls and
+//! resets are made in user space, per direction, on every forwarded piece.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,78 @@
+//! One of haul's roles running as its own process: spawned with its log in a file, killed with
+//! SIGKILL, restarted with the same arguments (and so the same state directories).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// A role running as its own process; killed when dropped.
+pub struct Agent {
+    child: Child,
+    bin: PathBuf,
+    role: String,
+    args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Agent {
+    /// Run `bin ROLE ARGS`, logging to `dir/ROLE.log`.
+    pub fn spawn(bin: &Path, dir: &Path, role: &str, args: &[&str]) -> anyhow::Result<Agent> {
+        let log = dir.join(format!("{role}.log"));
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let child = start(bin, role, &args, &log)?;
+        Ok(Agent {
+            child,
+            bin: bin.to_path_buf(),
+            role: role.to_string(),
+            args,
+            log,
+        })
+    }
+
+    /// SIGKILL: no chance to flush, drain or say goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start the same role again with the same arguments (state directories included).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9();
+        self.child = start(&self.bin, &self.role, &self.args, &self.log)?;
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(bin: &Path, role: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    // Append, so a restarted process's log follows its predecessor's.
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let err = out.try_clone()?;
+    Ok(Command::new(bin)
+        .arg(role)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out))
+        .stderr(Stdio::from(err))
+        .spawn()?)
+}
+
+/// A loopback address nobody listens on right now.
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "127.0.0.1:0".to_string())
+}

@@ -1,0 +1,313 @@
+//! A whole move with the three roles as processes, for tests that break things in the middle of
+//! it: kill a role, cut or stall a link. `finish` waits for the end and checks the outcome
+//! independently: source equals target, and the ledger holds every chunk exactly once.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use haul_pgcluster::{compare_databases, Cluster, ClusterOptions};
+
+use crate::{free_addr, Agent, Link};
+
+/// The database moved, on both clusters.
+pub const DB: &str = "rich";
+
+fn run(bin: &Path, args: &[&str]) -> anyhow::Result<Output> {
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {}", bin.display()))
+}
+
+/// `haul status --json` of the latest job, once the coordinator answers.
+fn status(bin: &Path, coord: &str, certs: &str) -> Option<serde_json::Value> {
+    let out = run(
+        bin,
+        &["status", "--coordinator", coord, "--certs", certs, "--json"],
+    )
+    .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Wait until the job has at least `n` chunks done (and is still copying).
+fn wait_for_chunks(bin: &Path, coord: &str, certs: &str, n: u64) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Some(s) = status(bin, coord, certs) {
+            let done = s["chunks_done"].as_u64().unwrap_or(0);
+            anyhow::ensure!(s["phase"] != "failed", "job failed: {}", s["error"]);
+            if done >= n {
+                anyhow::ensure!(
+                    s["phase"] == "copying",
+                    "the move ended before the kill: {s}"
+                );
+                return Ok(done);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("no progress to {n} chunks")
+}
+
+/// What to move and how to break it.
+#[derive(Default)]
+pub struct Setup {
+    /// The haul binary.
+    pub bin: PathBuf,
+    /// SQL loaded into the source database first (a fixture), if any.
+    pub fixture: Option<PathBuf>,
+    /// A link between the sender and the receiver (the receiver advertises the link's address).
+    pub link_to_receiver: bool,
+    /// A link between the sender and the coordinator (the receiver talks to it directly).
+    pub link_to_coordinator: bool,
+    pub lease_timeout: Option<&'static str>,
+    /// Where the receiver spools (default: inside the move's temp dir).
+    pub spool: Option<std::path::PathBuf>,
+    /// Add `public.bulk`, about this many MB of binary COPY data (0 = none), so chunks span
+    /// many blocks.
+    pub bulk_mb: u64,
+    /// `haul start` options (defaults: 1MB chunks, 2MB/s cap, the default codec, 2 jobs).
+    pub chunk_size: Option<&'static str>,
+    pub jobs: Option<&'static str>,
+    pub bwlimit: Option<&'static str>,
+    pub codec: Option<&'static str>,
+}
+
+/// Two clusters with the rich fixture, a CA, and the three roles as processes, with a job
+/// started that is stretched over several seconds (small chunks, a bandwidth cap).
+pub struct Move {
+    pub bin: PathBuf,
+    pub source: Cluster,
+    pub target: Cluster,
+    _dir: tempfile::TempDir,
+    pub coord: String,
+    pub certs: String,
+    pub coordinator: Agent,
+    pub receiver: Agent,
+    pub sender: Agent,
+    pub to_receiver: Option<Link>,
+    pub to_coordinator: Option<Link>,
+}
+
+impl Move {
+    pub fn new(setup: Setup) -> anyhow::Result<Move> {
+        let (source, target) = two_clusters()?;
+        source.create_database(DB)?;
+        target.create_database(DB)?;
+        if let Some(sql) = &setup.fixture {
+            let text =
+                std::fs::read_to_string(sql).with_context(|| format!("read {}", sql.display()))?;
+            source
+                .psql(DB, &text)
+                .with_context(|| format!("load {} into the source", sql.display()))?;
+        }
+        if setup.bulk_mb > 0 {
+            // About 210 bytes per row in binary COPY.
+            let rows = setup.bulk_mb * 1_000_000 / 210;
+            source.psql(
+                DB,
+                &format!(
+                    "CREATE TABLE public.bulk (id bigint PRIMARY KEY, pad text NOT NULL); \
+                     INSERT INTO public.bulk SELECT g, repeat(md5(g::text), 6) \
+                     FROM generate_series(1, {rows}) AS g; ANALYZE public.bulk;"
+                ),
+            )?;
+        }
+
+        let dir = tempfile::tempdir()?;
+        let d = |p: &str| dir.path().join(p).display().to_string();
+        let certs = d("certs");
+        let bin = setup.bin.clone();
+        anyhow::ensure!(run(&bin, &["certs", "init", "--dir", &certs])?
+            .status
+            .success());
+        let coord = free_addr();
+        let recv = free_addr();
+        let to_receiver = if setup.link_to_receiver {
+            Some(Link::start(&recv)?)
+        } else {
+            None
+        };
+        let to_coordinator = if setup.link_to_coordinator {
+            Some(Link::start(&coord)?)
+        } else {
+            None
+        };
+        let advertise = to_receiver
+            .as_ref()
+            .map_or(recv.clone(), |l| l.addr.clone());
+        let sender_coord = to_coordinator
+            .as_ref()
+            .map_or(coord.clone(), |l| l.addr.clone());
+        let (cstate, rstate, sstate) = (d("cstate"), d("rstate"), d("sstate"));
+        let spool = setup
+            .spool
+            .as_ref()
+            .map_or_else(|| d("spool"), |p| p.display().to_string());
+        let (source_url, target_url) = (source.url(DB), target.url(DB));
+        let mut cargs = vec!["--listen", &coord, "--state", &cstate, "--certs", &certs];
+        if let Some(t) = setup.lease_timeout {
+            cargs.extend(["--lease-timeout", t]);
+        }
+        let coordinator = Agent::spawn(&bin, dir.path(), "coordinator", &cargs)?;
+        let receiver = Agent::spawn(
+            &bin,
+            dir.path(),
+            "receiver",
+            &[
+                "--coordinator",
+                &coord,
+                "--listen",
+                &recv,
+                "--advertise",
+                &advertise,
+                "--target",
+                &target_url,
+                "--state",
+                &rstate,
+                "--spool",
+                &spool,
+                "--certs",
+                &certs,
+            ],
+        )?;
+        let sender = Agent::spawn(
+            &bin,
+            dir.path(),
+            "sender",
+            &[
+                "--coordinator",
+                &sender_coord,
+                "--source",
+                &source_url,
+                "--state",
+                &sstate,
+                "--certs",
+                &certs,
+            ],
+        )?;
+        // Small chunks and a bandwidth cap stretch the move over several seconds of kills.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut args = vec![
+                "start",
+                "--coordinator",
+                &coord,
+                "--certs",
+                &certs,
+                "--chunk-size",
+                setup.chunk_size.unwrap_or("1MB"),
+                "--jobs",
+                setup.jobs.unwrap_or("2"),
+                "--bwlimit",
+                setup.bwlimit.unwrap_or("2MB"),
+            ];
+            if let Some(codec) = setup.codec {
+                args.extend(["--codec", codec]);
+            }
+            let out = run(&bin, &args)?;
+            if out.status.success() {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "could not start the job");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Move {
+            bin,
+            source,
+            target,
+            _dir: dir,
+            coord,
+            certs,
+            coordinator,
+            receiver,
+            sender,
+            to_receiver,
+            to_coordinator,
+        })
+    }
+
+    /// A path inside the move's temp dir (`rstate` is the receiver's state, `spool` its spool).
+    pub fn path(&self, p: &str) -> std::path::PathBuf {
+        self._dir.path().join(p)
+    }
+
+    pub fn wait_for_chunks(&self, n: u64) -> anyhow::Result<u64> {
+        wait_for_chunks(&self.bin, &self.coord, &self.certs, n)
+    }
+
+    /// `haul status --json` of the job, if the coordinator answers.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        status(&self.bin, &self.coord, &self.certs)
+    }
+
+    /// Wait for the end, then check the outcome independently. Returns the final status.
+    pub fn finish(&self) -> anyhow::Result<serde_json::Value> {
+        let out = run(
+            &self.bin,
+            &[
+                "status",
+                "--coordinator",
+                &self.coord,
+                "--certs",
+                &self.certs,
+                "--wait",
+            ],
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success(),
+            "the move did not finish after the kills\n{stdout}\n{}\ncoordinator:\n{}\nreceiver:\n{}\nsender:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.coordinator.log_text(),
+            self.receiver.log_text(),
+            self.sender.log_text()
+        );
+        if std::env::var_os("HAUL_TEST_LOGS").is_some() {
+            eprintln!(
+                "coordinator:\n{}\nreceiver:\n{}\nsender:\n{}",
+                self.coordinator.log_text(),
+                self.receiver.log_text(),
+                self.sender.log_text()
+            );
+        }
+        let diffs = compare_databases(&self.source.url(DB), &self.target.url(DB))?;
+        anyhow::ensure!(
+            diffs.is_empty(),
+            "source and target differ:\n{}",
+            diffs.join("\n")
+        );
+        let ledger = self.target.psql(
+            DB,
+            "SELECT count(*), count(DISTINCT chunk_id) FROM haul.ledger",
+        )?;
+        let (rows, distinct) = ledger.split_once('|').unwrap_or(("", ""));
+        anyhow::ensure!(rows == distinct, "a chunk was applied twice: {ledger}");
+        let s = self.status().context("no status")?;
+        let planned = s["chunks"].as_u64().unwrap_or(0);
+        anyhow::ensure!(
+            rows.trim().parse::<u64>()? == planned,
+            "ledger has {rows} chunks, plan has {planned}"
+        );
+        Ok(s)
+    }
+}
+
+/// Two clusters (source and target), started side by side.
+pub fn two_clusters() -> anyhow::Result<(Cluster, Cluster)> {
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| Cluster::start(ClusterOptions::default()));
+        let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
+        (a.join(), b.join())
+    });
+    Ok((
+        a.map_err(|_| anyhow::anyhow!("starting a cluster panicked"))??,
+        b.map_err(|_| anyhow::anyhow!("starting a cluster panicked"))??,
+    ))
+}
