@@ -101,6 +101,7 @@ pub async fn receiver(a: ReceiverArgs, shutdown: CancellationToken) -> anyhow::R
     let target = DbUrl::parse(&required(a.target, "target")?, Side::Target)?;
     let state: PathBuf = required(a.state, "state")?;
     let spool: PathBuf = required(a.spool, "spool")?;
+    let spool_bytes = size_flag("--spool-size", a.spool_size.as_deref(), 16_000_000_000)?;
     let certs: PathBuf = required(a.certs, "certs")?;
     let name = a.name.unwrap_or_else(|| "receiver".to_string());
     let tls = load_tls(&certs, Role::Receiver, &name)?;
@@ -123,6 +124,7 @@ pub async fn receiver(a: ReceiverArgs, shutdown: CancellationToken) -> anyhow::R
             target,
             state_dir: state,
             spool_dir: spool,
+            spool_bytes,
             tls,
             name,
             slots: a.slots.unwrap_or(8).max(1),
@@ -139,11 +141,7 @@ pub async fn sender(a: SenderArgs, shutdown: CancellationToken) -> anyhow::Resul
     let state: PathBuf = required(a.state, "state")?;
     let certs: PathBuf = required(a.certs, "certs")?;
     let name = a.name.unwrap_or_else(|| "sender".to_string());
-    let staging_bytes = match &a.staging_size {
-        Some(s) => haul_core::bandwidth::parse_size(s)
-            .map_err(|e| anyhow::anyhow!("--staging-size {s:?}: {e:#}"))?,
-        None => 2_000_000_000,
-    };
+    let staging_bytes = size_flag("--staging-size", a.staging_size.as_deref(), 2_000_000_000)?;
     let tls = load_tls(&certs, Role::Sender, &name)?;
     haul_sender::run(
         haul_sender::SenderConfig {
@@ -158,4 +156,13 @@ pub async fn sender(a: SenderArgs, shutdown: CancellationToken) -> anyhow::Resul
         shutdown,
     )
     .await
+}
+
+/// A size flag, or its default.
+fn size_flag(flag: &str, value: Option<&str>, default: u64) -> anyhow::Result<u64> {
+    match value {
+        Some(v) => haul_core::bandwidth::parse_size(v)
+            .map_err(|e| haul_core::status::fatal(format!("{flag} {v:?}: {e:#}"))),
+        None => Ok(default),
+    }
 }

@@ -125,6 +125,10 @@ pub struct ReceiverArgs {
     /// Directory where arriving chunks are spooled before restore.
     #[arg(long, value_name = "DIR")]
     pub spool: Option<PathBuf>,
+    /// The most the spool may hold (default 16GB; 0 = only the disk's size). A full spool holds
+    /// streams back until chunks are restored.
+    #[arg(long, value_name = "SIZE")]
+    pub spool_size: Option<String>,
     /// Directory with ca.pem (and crl.pem, if any) and this agent's certificate and key.
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,

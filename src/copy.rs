@@ -78,6 +78,7 @@ pub async fn run(a: CopyArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
             target,
             state_dir: dir.join("receiver"),
             spool_dir: dir.join("spool"),
+            spool_bytes: 0,
             tls: load_tls(&certs, Role::Receiver, "receiver")?,
             name: "receiver".into(),
             slots: options.jobs as usize,

@@ -146,3 +146,67 @@ fn a_killed_sender_continues_its_staged_chunks() -> anyhow::Result<()> {
         .contains("kept a staged chunk from before the restart"));
     Ok(())
 }
+
+#[test]
+fn a_full_spool_holds_streams_back() -> anyhow::Result<()> {
+    // Room for one 16 MB chunk and a bit: the second stream must wait for the first to be
+    // restored, and the spool never holds more than its size.
+    let quota = 20_000_000u64;
+    let m = moves::start(Setup {
+        receiver_args: vec!["--spool-size", "20MB"],
+        ..setup()
+    })?;
+    let spool = m.path("spool");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (spool, stop) = (spool.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut most = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let used: u64 = walk(&spool)
+                    .iter()
+                    .filter(|p| p.extension().is_some_and(|e| e == "spool"))
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum();
+                most = most.max(used);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            most
+        })
+    };
+    let finished = m.finish();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let most = sampler
+        .join()
+        .map_err(|_| anyhow::anyhow!("sampler panicked"))?;
+    finished?;
+    eprintln!("spool: at most {most} bytes against a {quota}-byte --spool-size");
+    assert!(
+        most <= quota,
+        "the spool held {most} bytes, over its {quota}"
+    );
+    assert!(
+        most > quota / 2,
+        "the spool was never near full ({most}): the test proves nothing"
+    );
+    let log = m.receiver.log_text();
+    assert!(
+        log.contains("spool is full: holding a stream back"),
+        "no stream was held back:\n{log}"
+    );
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

@@ -40,7 +40,7 @@ fn setup(mb: u64) -> Setup {
         link_to_receiver: true,
         link_to_coordinator: true,
         lease_timeout: Some("5s"),
-        chunk_size: Some("32MB"),
+        chunk_size: Some("16MB"),
         bwlimit: Some("8MB"),
         codec: Some("none"),
         jobs: Some("3"),

@@ -77,6 +77,8 @@ pub struct Setup {
     pub jobs: Option<&'static str>,
     pub bwlimit: Option<&'static str>,
     pub codec: Option<&'static str>,
+    /// More flags for the receiver.
+    pub receiver_args: Vec<&'static str>,
 }
 
 /// Two clusters with the rich fixture, a CA, and the three roles as processes, with a job
@@ -156,27 +158,24 @@ impl Move {
             cargs.extend(["--lease-timeout", t]);
         }
         let coordinator = Agent::spawn(&bin, dir.path(), "coordinator", &cargs)?;
-        let receiver = Agent::spawn(
-            &bin,
-            dir.path(),
-            "receiver",
-            &[
-                "--coordinator",
-                &coord,
-                "--listen",
-                &recv,
-                "--advertise",
-                &advertise,
-                "--target",
-                &target_url,
-                "--state",
-                &rstate,
-                "--spool",
-                &spool,
-                "--certs",
-                &certs,
-            ],
-        )?;
+        let mut rargs = vec![
+            "--coordinator",
+            &coord,
+            "--listen",
+            &recv,
+            "--advertise",
+            &advertise,
+            "--target",
+            &target_url,
+            "--state",
+            &rstate,
+            "--spool",
+            &spool,
+            "--certs",
+            &certs,
+        ];
+        rargs.extend(setup.receiver_args.iter().copied());
+        let receiver = Agent::spawn(&bin, dir.path(), "receiver", &rargs)?;
         let sender = Agent::spawn(
             &bin,
             dir.path(),

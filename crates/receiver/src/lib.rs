@@ -33,6 +33,8 @@ pub struct ReceiverConfig {
     pub target: DbUrl,
     pub state_dir: PathBuf,
     pub spool_dir: PathBuf,
+    /// The most the chunk spool files may hold together; 0 = only the disk's size.
+    pub spool_bytes: u64,
     pub tls: Mtls,
     pub name: String,
     /// How many chunks restore at once (target connections).
@@ -64,7 +66,7 @@ pub async fn run(
     }
     drop(client);
 
-    let spool = spool::Spool::open(&config.spool_dir)?;
+    let spool = spool::Spool::open(&config.spool_dir, config.spool_bytes)?;
     let partials = partial::Partials::open(&config.state_dir)?;
     partials.sweep(&spool);
     let inner = Arc::new(service::Inner {

@@ -183,6 +183,40 @@ impl Partials {
         }
     }
 
+    /// Make room in a full spool: drop one partly received chunk that no stream is sending
+    /// now (it was cut and waits to be leased again), oldest first by chunk id. Its next
+    /// stream starts from the beginning. Returns whether anything was dropped.
+    pub async fn evict_idle(&self, spool: &Spool) -> bool {
+        for (k, _) in self.tree.iter().flatten() {
+            let Some((job, chunk)) = parse_key(&k) else {
+                continue;
+            };
+            let slot = self
+                .slots
+                .lock()
+                .ok()
+                .and_then(|slots| slots.get(&(job.clone(), chunk)).cloned());
+            // Owned by a stream (or BeginChunk) right now: not idle.
+            let _owned = match &slot {
+                Some(slot) => match slot.owner.clone().try_lock_owned() {
+                    Ok(guard) => Some(guard),
+                    Err(_) => continue,
+                },
+                None => None,
+            };
+            let path = spool.chunk_path(&job, chunk);
+            tracing::info!(
+                job = %job,
+                chunk,
+                "spool is full: dropped a partly received chunk no stream is sending; it will be sent again from its start"
+            );
+            let _ = self.tree.remove(&k);
+            spool.remove(&path).await;
+            return true;
+        }
+        false
+    }
+
     pub fn forget_job(&self, job_id: &str) {
         for (k, _) in self.tree.scan_prefix(job_prefix(job_id)).flatten() {
             let _ = self.tree.remove(k);
@@ -253,7 +287,7 @@ mod tests {
     #[tokio::test]
     async fn scan_keeps_complete_frames_and_cuts_a_torn_tail() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let spool = Spool::open(dir.path())?;
+        let spool = Spool::open(dir.path(), 0)?;
         let path = spool.chunk_path("j", 1);
         let codec = Codec::Zstd { level: 3 };
         let blocks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();

@@ -437,10 +437,11 @@ impl ReceiverService {
                     .await
                     .context("decode task")??;
                     hasher.update(&raw);
-                    spool::write_frame(&mut file, path, raw_len as u32, &payload).await?;
-                    file.flush()
-                        .await
-                        .map_err(|e| spool::write_error(e, path))?;
+                    let partials = &self.inner.partials;
+                    self.inner
+                        .spool
+                        .write_frame_in_room(&mut file, path, raw_len as u32, &payload, partials)
+                        .await?;
                     let end = raw_bytes + raw.len() as u64;
                     // Bytes below the high-water mark arrived once before.
                     record.resent += end.min(record.high_water).saturating_sub(raw_bytes);

@@ -7,24 +7,98 @@
 //! its rows can commit.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use haul_core::codec::{decode, Codec};
 use haul_core::frames::FrameReader;
 use tokio::fs::File;
-use tokio::io::BufWriter;
+use tokio::io::{AsyncWriteExt, BufWriter};
+
+/// How long a stream waits for room in a full spool before it gives up its place.
+const ROOM_WAIT: Duration = Duration::from_secs(60);
 
 pub struct Spool {
     dir: PathBuf,
+    /// The most chunk spool files may hold together (`--spool-size`); 0 = no bound but the disk.
+    quota: u64,
+    /// Held while checking for room and writing a frame, so two streams cannot both take the
+    /// last of it: the bound is exact.
+    room: tokio::sync::Mutex<()>,
+    /// Woken when a spool file goes away, for streams waiting for room.
+    freed: tokio::sync::Notify,
 }
 
 impl Spool {
-    pub fn open(dir: &Path) -> anyhow::Result<Spool> {
+    pub fn open(dir: &Path, quota: u64) -> anyhow::Result<Spool> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("create spool directory {}", dir.display()))?;
         Ok(Spool {
             dir: dir.to_path_buf(),
+            quota,
+            room: tokio::sync::Mutex::new(()),
+            freed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Bytes in chunk spool files now.
+    pub fn used(&self) -> u64 {
+        self.chunk_files()
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Append one frame to `w` once the spool has room for it. A full spool first gives up
+    /// partial chunks nobody is sending (`Partials::evict_idle`), then holds the stream back (backpressure:
+    /// the sender's window fills and it waits) while other chunks restore and free their
+    /// files. After a minute without room the stream gives up its own place: its file is
+    /// dropped by the caller and the chunk retried later, so streams that each hold part of the
+    /// spool cannot wait on each other for ever.
+    pub async fn write_frame_in_room(
+        &self,
+        w: &mut BufWriter<File>,
+        path: &Path,
+        raw_len: u32,
+        payload: &[u8],
+        partials: &crate::partial::Partials,
+    ) -> anyhow::Result<()> {
+        let need = 8 + payload.len() as u64;
+        let deadline = tokio::time::Instant::now() + ROOM_WAIT;
+        let mut warned = false;
+        loop {
+            let guard = self.room.lock().await;
+            if self.quota == 0 || self.used() + need <= self.quota {
+                write_frame(w, path, raw_len, payload).await?;
+                w.flush().await.map_err(|e| write_error(e, path))?;
+                drop(guard);
+                return Ok(());
+            }
+            drop(guard);
+            if partials.evict_idle(self).await {
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(haul_core::status::exhausted(format!(
+                    "spool directory {} is at its --spool-size ({} bytes) and no chunk freed room for a minute; raise --spool-size to at least the chunk size times the chunks in flight; the chunk will be retried",
+                    self.dir.display(),
+                    self.quota
+                )));
+            }
+            if !warned {
+                tracing::info!(
+                    spool = %self.dir.display(),
+                    quota = self.quota,
+                    "spool is full: holding a stream back until a chunk is restored"
+                );
+                warned = true;
+            }
+            tokio::select! {
+                _ = self.freed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
     }
 
     fn job_dir(&self, job_id: &str) -> PathBuf {
@@ -101,10 +175,12 @@ impl Spool {
 
     pub async fn remove(&self, path: &Path) {
         let _ = tokio::fs::remove_file(path).await;
+        self.freed.notify_waiters();
     }
 
     pub async fn remove_job(&self, job_id: &str) {
         let _ = tokio::fs::remove_dir_all(self.job_dir(job_id)).await;
+        self.freed.notify_waiters();
     }
 }
 
