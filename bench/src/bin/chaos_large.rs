@@ -1,6 +1,7 @@
 //! Chaos at a larger size than CI's: a move of a few hundred MB as three processes, with link
 //! emulators between the sender and the receiver and between the sender and the coordinator.
-//! One event after another: a random role killed with SIGKILL and restarted, or a link reset.
+//! One event after another: a role killed with SIGKILL and restarted, or a link reset; every
+//! kind comes up once in each round of five, in an order the seed picks.
 //! After each event it waits for every chunk that was in flight to be applied, so what the
 //! event cost can be told apart from the next one's.
 //!
@@ -112,7 +113,12 @@ fn main() -> anyhow::Result<()> {
         "event", "in flight", "flowing again", "sent twice"
     );
     let (mut interrupted, mut kills, mut resets) = (0u64, 0, 0);
-    for _ in 0..events {
+    // Every kind of event comes up once in each round of five, in an order the seed picks.
+    let mut order = [0u64, 1, 2, 3, 4];
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    for round in 0..events {
         let Some(s) = m.status() else { break };
         if s["phase"] != "copying" || num(&s, "chunks") <= num(&s, "chunks_done") + 2 {
             break;
@@ -124,7 +130,7 @@ fn main() -> anyhow::Result<()> {
             .filter_map(|v| v.as_u64())
             .collect();
         let resent_before = num(&s, "resent_bytes_done");
-        let what = match rng.below(5) {
+        let what = match order[round % order.len()] {
             0 => {
                 m.coordinator.restart()?;
                 "kill -9 coordinator"

@@ -274,6 +274,12 @@ impl Coordinator for CoordinatorService {
                 }
                 // A new process of the snapshot's holder: the snapshot died with the old one.
                 let holder = j.record.planner.as_deref() == Some(id.as_str());
+                // A new process of the planner: the plan it was making died with the old one.
+                if holder && restarted && j.record.phase == Phase::Planning {
+                    tracing::warn!(job = %j.record.id, agent = %id, "the planning sender restarted; planning again");
+                    j.record.planner = None;
+                    dirty = true;
+                }
                 if holder
                     && !r.incarnation.is_empty()
                     && !j.record.planner_incarnation.is_empty()
@@ -359,6 +365,8 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::PlanReport>,
     ) -> Result<Response<pb::Empty>, Status> {
         let who = haul_certs::require(&req, &[Role::Sender])?;
+        // Test point: a plan arrives and is lost with the coordinator.
+        haul_core::failpoint::die("die-on-plan-report");
         let r = req.into_inner();
         let mut measures = Vec::with_capacity(r.tables.len());
         for t in &r.tables {
@@ -427,6 +435,8 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::ChunkReport>,
     ) -> Result<Response<pb::Empty>, Status> {
         haul_certs::require(&req, &[Role::Sender])?;
+        // Test point: the chunk is applied on the target, and its report dies here.
+        haul_core::failpoint::die("die-on-chunk-report");
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;

@@ -1,6 +1,8 @@
 //! Named fault-injection points, for tests that must make a rare failure happen on purpose
 //! (a spool file altered on disk between verification and restore, say). Armed only through
-//! the environment: `HAUL_FAILPOINTS=name[,name...]`. Each armed point fires once per process.
+//! the environment: `HAUL_FAILPOINTS=name[,name...]`. Each armed point fires once per process;
+//! with `HAUL_FAILPOINTS_ONCE_DIR=dir` it fires once across restarts too (a marker file in `dir`
+//! remembers it), so a test can kill a role at a point and restart it with the same environment.
 //! Unarmed, a point costs one relaxed atomic load.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,9 +35,28 @@ pub fn fire(name: &str) -> bool {
     match list.iter().position(|n| n == name) {
         Some(i) => {
             list.remove(i);
+            if let Some(dir) = std::env::var_os("HAUL_FAILPOINTS_ONCE_DIR") {
+                let marker = std::path::Path::new(&dir).join(format!("{name}.fired"));
+                if std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&marker)
+                    .is_err()
+                {
+                    return false;
+                }
+            }
             tracing::warn!("failpoint {name} fired");
             true
         }
         None => false,
+    }
+}
+
+/// At an armed point, end the process on the spot, as `kill -9` would: no flushing, no
+/// draining, no goodbye to peers.
+pub fn die(name: &str) {
+    if fire(name) {
+        std::process::abort();
     }
 }

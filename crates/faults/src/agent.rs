@@ -10,22 +10,40 @@ pub struct Agent {
     bin: PathBuf,
     role: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     pub log: PathBuf,
 }
 
 impl Agent {
     /// Run `bin ROLE ARGS`, logging to `dir/ROLE.log`.
     pub fn spawn(bin: &Path, dir: &Path, role: &str, args: &[&str]) -> anyhow::Result<Agent> {
+        Agent::spawn_with_env(bin, dir, role, args, &[])
+    }
+
+    /// Like `spawn`, with extra environment (kept for restarts).
+    pub fn spawn_with_env(
+        bin: &Path,
+        dir: &Path,
+        role: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> anyhow::Result<Agent> {
         let log = dir.join(format!("{role}.log"));
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let child = start(bin, role, &args, &log)?;
+        let child = start(bin, role, &args, env, &log)?;
         Ok(Agent {
             child,
             bin: bin.to_path_buf(),
             role: role.to_string(),
             args,
+            env: env.to_vec(),
             log,
         })
+    }
+
+    /// Whether the process has ended on its own (a failpoint, a crash).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
     }
 
     /// SIGKILL: no chance to flush, drain or say goodbye.
@@ -37,7 +55,7 @@ impl Agent {
     /// Start the same role again with the same arguments (state directories included).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill9();
-        self.child = start(&self.bin, &self.role, &self.args, &self.log)?;
+        self.child = start(&self.bin, &self.role, &self.args, &self.env, &self.log)?;
         Ok(())
     }
 
@@ -53,7 +71,13 @@ impl Drop for Agent {
     }
 }
 
-fn start(bin: &Path, role: &str, args: &[String], log: &Path) -> anyhow::Result<Child> {
+fn start(
+    bin: &Path,
+    role: &str,
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+) -> anyhow::Result<Child> {
     // Append, so a restarted process's log follows its predecessor's.
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -63,6 +87,7 @@ fn start(bin: &Path, role: &str, args: &[String], log: &Path) -> anyhow::Result<
     Ok(Command::new(bin)
         .arg(role)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))

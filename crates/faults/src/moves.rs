@@ -79,6 +79,8 @@ pub struct Setup {
     pub codec: Option<&'static str>,
     /// More flags for the receiver.
     pub receiver_args: Vec<&'static str>,
+    /// Failpoints armed in every role (`HAUL_FAILPOINTS`), each firing once across restarts.
+    pub failpoints: Option<&'static str>,
 }
 
 /// Two clusters with the rich fixture, a CA, and the three roles as processes, with a job
@@ -148,6 +150,16 @@ impl Move {
             .as_ref()
             .map_or(coord.clone(), |l| l.addr.clone());
         let (cstate, rstate, sstate) = (d("cstate"), d("rstate"), d("sstate"));
+        let mut env = Vec::new();
+        if let Some(points) = setup.failpoints {
+            let once = dir.path().join("failpoints");
+            std::fs::create_dir_all(&once)?;
+            env.push(("HAUL_FAILPOINTS".to_string(), points.to_string()));
+            env.push((
+                "HAUL_FAILPOINTS_ONCE_DIR".to_string(),
+                once.display().to_string(),
+            ));
+        }
         let spool = setup
             .spool
             .as_ref()
@@ -157,7 +169,7 @@ impl Move {
         if let Some(t) = setup.lease_timeout {
             cargs.extend(["--lease-timeout", t]);
         }
-        let coordinator = Agent::spawn(&bin, dir.path(), "coordinator", &cargs)?;
+        let coordinator = Agent::spawn_with_env(&bin, dir.path(), "coordinator", &cargs, &env)?;
         let mut rargs = vec![
             "--coordinator",
             &coord,
@@ -175,8 +187,8 @@ impl Move {
             &certs,
         ];
         rargs.extend(setup.receiver_args.iter().copied());
-        let receiver = Agent::spawn(&bin, dir.path(), "receiver", &rargs)?;
-        let sender = Agent::spawn(
+        let receiver = Agent::spawn_with_env(&bin, dir.path(), "receiver", &rargs, &env)?;
+        let sender = Agent::spawn_with_env(
             &bin,
             dir.path(),
             "sender",
@@ -190,6 +202,7 @@ impl Move {
                 "--certs",
                 &certs,
             ],
+            &env,
         )?;
         // Small chunks and a bandwidth cap stretch the move over several seconds of kills.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -248,6 +261,11 @@ impl Move {
 
     /// Wait for the end, then check the outcome independently. Returns the final status.
     pub fn finish(&self) -> anyhow::Result<serde_json::Value> {
+        // A coordinator just restarted may not be listening yet.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.status().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let out = run(
             &self.bin,
             &[

@@ -16,7 +16,32 @@ pub const CREATE: &str = "CREATE SCHEMA IF NOT EXISTS haul; \
         rows bigint NOT NULL, \
         raw_bytes bigint NOT NULL, \
         applied_at timestamptz NOT NULL DEFAULT now(), \
-        PRIMARY KEY (job_id, chunk_id))";
+        PRIMARY KEY (job_id, chunk_id)); \
+    CREATE TABLE IF NOT EXISTS haul.schema_applied ( \
+        job_id text PRIMARY KEY, \
+        objects integer NOT NULL, \
+        applied_at timestamptz NOT NULL DEFAULT now())";
+
+/// The row that says a job's pre-data is in, written in the transaction that applies it: a
+/// planner that dies after the schema went in, and plans again, finds it and skips ahead.
+pub fn mark_schema(job_id: &str, objects: u32) -> String {
+    format!(
+        "INSERT INTO haul.schema_applied (job_id, objects) VALUES ({}, {objects}) ON CONFLICT DO NOTHING",
+        haul_core::ident::quote_literal(job_id)
+    )
+}
+
+/// The number of pre-data objects applied for a job, if its pre-data is in.
+pub async fn schema_applied(client: &Client, job_id: &str) -> anyhow::Result<Option<u32>> {
+    let row = client
+        .query_opt(
+            "SELECT objects FROM haul.schema_applied WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .context("read haul.schema_applied")?;
+    Ok(row.map(|r| r.get::<_, i32>(0).max(0) as u32))
+}
 
 /// Create the ledger if needed. Serialised by an advisory lock so concurrent receivers on one
 /// target do not race on `CREATE ... IF NOT EXISTS`.

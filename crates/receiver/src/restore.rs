@@ -172,6 +172,8 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             haul_core::pg::db_error_line(&e)
         )
     })?;
+    // Test point: the chunk is committed but nobody has heard of it yet.
+    haul_core::failpoint::die("die-after-commit");
     Ok(Applied::Now { rows })
 }
 

@@ -130,7 +130,9 @@ impl std::fmt::Display for BatchFailed {
 impl std::error::Error for BatchFailed {}
 
 /// Apply pre-data; returns the number of entries applied.
-pub async fn apply_pre(client: &Client, script: &Script) -> anyhow::Result<u32> {
+/// Apply pre-data, in one transaction when the target's lock table allows, else in batches.
+/// The last transaction also records the job in `haul.schema_applied`.
+pub async fn apply_pre(client: &Client, script: &Script, job_id: &str) -> anyhow::Result<u32> {
     let capacity: i64 = client
         .query_one(
             "SELECT current_setting('max_locks_per_transaction')::int8 * \
@@ -151,11 +153,19 @@ pub async fn apply_pre(client: &Client, script: &Script) -> anyhow::Result<u32> 
     } else {
         BATCH
     };
-    for group in script.entries.chunks(batch) {
+    let groups = script.entries.chunks(batch).count();
+    for (i, group) in script.entries.chunks(batch).enumerate() {
         client
             .batch_execute("BEGIN")
             .await
             .context("begin schema batch")?;
+        if i + 1 == groups {
+            let mark = crate::ledger::mark_schema(job_id, script.entries.len() as u32);
+            client
+                .batch_execute(&mark)
+                .await
+                .context("record pre-data in haul.schema_applied")?;
+        }
         if let Err(e) = run_entries(client, group, true).await {
             let _ = client.batch_execute("ROLLBACK").await;
             if e.downcast_ref::<BatchFailed>().is_none() {

@@ -146,6 +146,11 @@ impl ReceiverService {
         let tables: Vec<TableName> = first.tables.iter().map(TableName::from).collect();
         let client = self.inner.config.target.connect("haul-schema").await?;
         ledger::ensure(&client).await?;
+        // Planned before, by a sender that died after the schema went in: skip ahead.
+        if let Some(objects) = ledger::schema_applied(&client, &first.job_id).await? {
+            tracing::info!(job = %first.job_id, objects, "pre-data was applied before; not again");
+            return Ok(pb::SchemaReply { objects });
+        }
         schema::preflight(&client, &tables, first.create_schema).await?;
         if !first.create_schema {
             return Ok(pb::SchemaReply { objects: 0 });
@@ -154,7 +159,9 @@ impl ReceiverService {
             .await
             .context("read pre-data spool")?;
         let script = Script::parse(&text);
-        let objects = schema::apply_pre(&client, &script).await?;
+        // Test point: the pre-data script has arrived and is about to be applied.
+        haul_core::failpoint::die("die-before-pre-data");
+        let objects = schema::apply_pre(&client, &script, &first.job_id).await?;
         tracing::info!(job = %first.job_id, objects, "applied pre-data");
         Ok(pb::SchemaReply { objects })
     }

@@ -71,6 +71,8 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
             })
             .collect(),
     };
+    // Test point: the schema is on the target, the plan not yet with the coordinator.
+    haul_core::failpoint::die("die-before-plan-report");
     shared
         .peers
         .coordinator()

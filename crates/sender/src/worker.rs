@@ -258,6 +258,8 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             resumed_bytes: out.resumed_bytes,
                             resent_bytes: out.resent_bytes,
                         };
+                        // Test point: applied on the target, not yet reported.
+                        haul_core::failpoint::die("die-before-chunk-report");
                         deliver("report chunk", || {
                             let mut c = shared.peers.coordinator();
                             let report = report.clone();
