@@ -61,3 +61,34 @@ fn receiver_dies_while_planning() -> anyhow::Result<()> {
 fn coordinator_dies_while_planning() -> anyhow::Result<()> {
     killed_at("die-on-plan-report", |m| &mut m.coordinator)
 }
+
+/// Regression: a restore whose RPC was dropped (its sender died) while its transaction was open
+/// returned the connection to the pool with the transaction still open. The next user of the
+/// connection saw the uncommitted ledger row and answered "already applied", and the chunk was
+/// lost when that transaction later rolled back (found by `restart.rs` as a table one row short).
+#[test]
+fn a_restore_abandoned_mid_transaction_is_rolled_back() -> anyhow::Result<()> {
+    let mut m = moves::start(Setup {
+        failpoints: Some("stall-before-fence"),
+        ..Default::default()
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !m
+        .receiver
+        .log_text()
+        .contains("failpoint stall-before-fence fired")
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the failpoint never fired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The restore now sits in its transaction, rows copied and ledger row inserted: take its
+    // sender away.
+    m.sender.restart()?;
+    m.finish()?;
+    let log = m.receiver.log_text();
+    assert!(
+        !log.contains("already a transaction in progress"),
+        "a pooled connection was reused inside an abandoned transaction:\n{log}"
+    );
+    Ok(())
+}

@@ -1,8 +1,6 @@
-//! Fuzzes the receiver's spool reader (`crates/receiver/src/spool.rs`, `SpoolReader`), which
-//! reads chunk files back from disk before their rows are restored.
-//!
-//! The module is private to `haul-receiver`, so this target compiles that file in with
-//! `#[path]` rather than copying it.
+//! Fuzzes the reading of frame files (`haul_core::frames::FrameReader`, then the one capped
+//! decoder), which is how the receiver reads its spool back before rows are restored (and
+//! before it offers a resume offset), and how the sender reads its staging area.
 //!
 //! Input layout: `[codec: u8][spool file ...]`; the file is frames of
 //! `[raw_len: u32 LE][payload_len: u32 LE][payload]`.
@@ -15,13 +13,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use haul_core::codec::Codec;
+use haul_core::codec::{decode, Codec};
+use haul_core::frames::FrameReader;
 use haul_core::{MAX_BLOCK_BYTES, MAX_MESSAGE_BYTES};
 use libfuzzer_sys::fuzz_target;
-
-#[allow(dead_code)]
-#[path = "../../crates/receiver/src/spool.rs"]
-mod spool;
 
 #[allow(dead_code)]
 #[path = "common/alloc_meter.rs"]
@@ -64,15 +59,16 @@ fuzz_target!(|data: &[u8]| {
 
     let (blocks, usage) = alloc_meter::measure(|| {
         runtime().block_on(async {
-            let mut r = spool::SpoolReader::open(path, codec)
-                .await
-                .expect("open spool file");
+            let mut r = FrameReader::open(path).await.expect("open spool file");
             let mut blocks = 0usize;
             // Every frame consumes at least its 8-byte header, so a file of n bytes yields
             // at most n / 8 + 1 results before the end or an error.
             for _ in 0..=file.len() / 8 + 1 {
-                match r.next_block().await {
-                    Ok(Some(block)) => {
+                match r.next_frame().await {
+                    Ok(Some((raw_len, payload))) => {
+                        let Ok(block) = decode(codec, &payload, raw_len as usize) else {
+                            return blocks;
+                        };
                         assert!(block.len() <= MAX_BLOCK_BYTES, "block of {} bytes", block.len());
                         blocks += 1;
                     }

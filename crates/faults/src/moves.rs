@@ -312,6 +312,20 @@ impl Move {
             rows.trim().parse::<u64>()? == planned,
             "ledger has {rows} chunks, plan has {planned}"
         );
+        // Each table's ledger rows add up to what the table holds: a chunk's ledger row was
+        // committed with that chunk's rows and no others.
+        let off = self.target.psql(
+            DB,
+            "DO $$ DECLARE t text; r regclass; n bigint; l bigint; bad text := ''; BEGIN \
+               FOR t, l IN SELECT table_name, sum(rows) FROM haul.ledger GROUP BY table_name LOOP \
+                 SELECT c.oid::regclass INTO r FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace \
+                   WHERE s.nspname || '.' || c.relname = t; \
+                 EXECUTE format('SELECT count(*) FROM ONLY %s', r) INTO n; \
+                 IF n <> l THEN bad := bad || format('%s: ledger %s rows, table %s; ', t, l, n); END IF; \
+               END LOOP; \
+               IF bad <> '' THEN RAISE EXCEPTION 'ledger disagrees: %', bad; END IF; END $$",
+        );
+        anyhow::ensure!(off.is_ok(), "{off:?}");
         Ok(s)
     }
 }

@@ -2,6 +2,7 @@
 //! connecting (TLS, auth, session setup) per chunk would dominate small chunks; why a semaphore:
 //! the target must never see more restore sessions than the operator allowed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use haul_core::pg::DbUrl;
@@ -14,11 +15,18 @@ pub struct Pool {
     permits: Arc<Semaphore>,
 }
 
-/// A connection on loan; goes back to the pool on drop unless it is closed.
+/// A connection on loan; goes back to the pool on drop unless it is closed or may be inside a
+/// transaction.
 pub struct Pooled {
     client: Option<Client>,
     idle: Arc<Mutex<Vec<Client>>>,
     _permit: OwnedSemaphorePermit,
+    /// Set while a transaction may be open on the connection. A restore whose RPC is dropped
+    /// (its sender vanished) stops at whatever await it was in; its connection must not go
+    /// back to the pool with that transaction open, or the next user would read its uncommitted
+    /// ledger row as applied, or commit it along with its own chunk. Dropped while set, the
+    /// connection is closed instead, and PostgreSQL rolls the transaction back.
+    in_transaction: AtomicBool,
 }
 
 impl std::ops::Deref for Pooled {
@@ -33,7 +41,7 @@ impl std::ops::Deref for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         if let Some(c) = self.client.take() {
-            if !c.is_closed() {
+            if !c.is_closed() && !self.in_transaction.load(Ordering::SeqCst) {
                 if let Ok(mut idle) = self.idle.lock() {
                     idle.push(c);
                 }
@@ -46,6 +54,11 @@ impl Pooled {
     /// Throw the connection away instead of returning it (its session state is unknown).
     pub fn discard(mut self) {
         self.client.take();
+    }
+
+    /// Say whether a transaction may be open on the connection now (see `in_transaction`).
+    pub fn set_in_transaction(&self, open: bool) {
+        self.in_transaction.store(open, Ordering::SeqCst);
     }
 }
 
@@ -74,6 +87,7 @@ impl Pool {
             client: Some(client),
             idle: self.idle.clone(),
             _permit: permit,
+            in_transaction: AtomicBool::new(false),
         })
     }
 }

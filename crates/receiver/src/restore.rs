@@ -44,10 +44,16 @@ pub enum Applied {
 }
 
 pub async fn apply(client: Pooled, r: &Restore<'_>) -> anyhow::Result<Applied> {
+    client.set_in_transaction(true);
     match apply_in_tx(&client, r).await {
-        Ok(a) => Ok(a),
+        Ok(a) => {
+            client.set_in_transaction(false);
+            Ok(a)
+        }
         Err(e) => {
-            if client.batch_execute("ROLLBACK").await.is_err() {
+            if client.batch_execute("ROLLBACK").await.is_ok() {
+                client.set_in_transaction(false);
+            } else {
                 client.discard();
             }
             Err(e)
@@ -156,6 +162,10 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
     })?;
     // Fencing: a sender whose lease expired or went to another sender must not commit, even
     // if its bytes are good. Asked last, so the answer is as fresh as it can be.
+    // Test point: hold the open transaction a while, so a test can make the RPC go away here.
+    if haul_core::failpoint::fire("stall-before-fence") {
+        tokio::time::sleep(std::time::Duration::from_secs(8)).await;
+    }
     if let Some(fence) = r.fence.clone() {
         check_lease(fence, r).await?;
     }
