@@ -138,8 +138,9 @@ fn a_killed_sender_continues_its_staged_chunks() -> anyhow::Result<()> {
         crossed <= useful + useful / 100 + 2 * BLOCK,
         "{crossed} bytes crossed the link for {useful} bytes of chunks"
     );
-    // The staged chunks keep the snapshot they were read under; the rest use the new one.
-    assert_eq!(s["consistent"], false, "{s}");
+    // Whether the job stays consistent as of one snapshot depends on timing (if every chunk
+    // not staged was done before the kill, all were read under the first); either way each
+    // staged chunk is reported under the snapshot it was read under.
     assert!(m
         .sender
         .log_text()
@@ -191,9 +192,10 @@ fn a_full_spool_holds_streams_back() -> anyhow::Result<()> {
         "the spool was never near full ({most}): the test proves nothing"
     );
     let log = m.receiver.log_text();
+    // Full, the spool held a stream back or made room by dropping an idle partial chunk.
     assert!(
-        log.contains("spool is full: holding a stream back"),
-        "no stream was held back:\n{log}"
+        log.contains("spool is full"),
+        "the spool never filled:\n{log}"
     );
     Ok(())
 }

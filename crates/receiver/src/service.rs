@@ -241,6 +241,7 @@ impl ReceiverService {
         let path = self.inner.spool.chunk_path(job_id, chunk_id);
         let mut claim = partials.claim(job_id, chunk_id, header.epoch).await?;
         let stop = claim.stop.clone();
+        let _hold = self.inner.spool.hold();
 
         let (file, hasher, mut record) = if header.resume_from > 0 {
             let record = partials

@@ -7,6 +7,7 @@
 //! its rows can commit.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,6 +28,29 @@ pub struct Spool {
     room: tokio::sync::Mutex<()>,
     /// Woken when a spool file goes away, for streams waiting for room.
     freed: tokio::sync::Notify,
+    /// Streams working on a spool file (receiving or restoring), and how many of them wait for
+    /// room. When every one waits, none will ever free any: that is a deadlock, not a queue.
+    holders: AtomicUsize,
+    waiting: AtomicUsize,
+}
+
+/// A stream's hold on the spool, from its first frame until its file is gone.
+pub struct Hold<'a>(&'a Spool);
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        self.0.holders.fetch_sub(1, Ordering::SeqCst);
+        self.0.freed.notify_waiters();
+    }
+}
+
+/// Counts a stream as waiting for room while it lives.
+struct Waiting<'a>(&'a Spool);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Spool {
@@ -38,7 +62,15 @@ impl Spool {
             quota,
             room: tokio::sync::Mutex::new(()),
             freed: tokio::sync::Notify::new(),
+            holders: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
         })
+    }
+
+    /// Count a stream as holding spool space until the returned guard drops.
+    pub fn hold(&self) -> Hold<'_> {
+        self.holders.fetch_add(1, Ordering::SeqCst);
+        Hold(self)
     }
 
     /// Bytes in chunk spool files now.
@@ -55,7 +87,8 @@ impl Spool {
     /// the sender's window fills and it waits) while other chunks restore and free their
     /// files. After a minute without room the stream gives up its own place: its file is
     /// dropped by the caller and the chunk retried later, so streams that each hold part of the
-    /// spool cannot wait on each other for ever.
+    /// spool cannot wait on each other for ever. When every stream holding spool space is
+    /// waiting, nobody will free any: the stream gives up its place after a second instead.
     pub async fn write_frame_in_room(
         &self,
         w: &mut BufWriter<File>,
@@ -67,6 +100,8 @@ impl Spool {
         let need = 8 + payload.len() as u64;
         let deadline = tokio::time::Instant::now() + ROOM_WAIT;
         let mut warned = false;
+        let mut waiting: Option<Waiting<'_>> = None;
+        let mut stuck_since: Option<tokio::time::Instant> = None;
         loop {
             let guard = self.room.lock().await;
             if self.quota == 0 || self.used() + need <= self.quota {
@@ -79,7 +114,24 @@ impl Spool {
             if partials.evict_idle(self).await {
                 continue;
             }
-            if tokio::time::Instant::now() >= deadline {
+            if waiting.is_none() {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                waiting = Some(Waiting(self));
+            }
+            let now = tokio::time::Instant::now();
+            if self.waiting.load(Ordering::SeqCst) >= self.holders.load(Ordering::SeqCst) {
+                let since = *stuck_since.get_or_insert(now);
+                if now.duration_since(since) >= Duration::from_secs(1) {
+                    return Err(haul_core::status::exhausted(format!(
+                        "spool directory {} is at its --spool-size ({} bytes) and every stream in it waits for room; this chunk gives up its place and will be retried; raise --spool-size to at least the chunk size times the chunks in flight",
+                        self.dir.display(),
+                        self.quota
+                    )));
+                }
+            } else {
+                stuck_since = None;
+            }
+            if now >= deadline {
                 return Err(haul_core::status::exhausted(format!(
                     "spool directory {} is at its --spool-size ({} bytes) and no chunk freed room for a minute; raise --spool-size to at least the chunk size times the chunks in flight; the chunk will be retried",
                     self.dir.display(),

@@ -200,7 +200,9 @@ pub async fn run(
             // Read into staging as fast as the source allows while sending from it.
             let (progress_tx, progress) = tokio::sync::watch::channel(Progress::default());
             let path = shared.staging.path(job_id, chunk_id);
-            let stage = read.stage(job_id, chunk_id, &snapshot_id, progress_tx);
+            // The file exists before the sending side opens it to follow it.
+            let file = shared.staging.create(job_id, chunk_id).await?;
+            let stage = read.stage(job_id, chunk_id, &snapshot_id, file, progress_tx);
             let sent = async {
                 let mut sent = read
                     .send_staged(&path, progress.clone(), header.clone(), resume.as_ref())
@@ -341,12 +343,12 @@ impl Read<'_> {
         job_id: &str,
         chunk_id: u64,
         snapshot_id: &str,
+        file: tokio::fs::File,
         progress: tokio::sync::watch::Sender<Progress>,
     ) -> anyhow::Result<()> {
         let staging = &self.shared.staging;
         let path = staging.path(job_id, chunk_id);
         let result = async {
-            let file = staging.create(job_id, chunk_id).await?;
             let file = tokio::io::BufWriter::with_capacity(256 * 1024, file);
             let (raw_bytes, _, frames, digest) = self
                 .source(Out::Stage {
