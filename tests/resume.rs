@@ -212,3 +212,29 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_broken_stage_is_dropped_and_read_again() -> anyhow::Result<()> {
+    let mut m = moves::start(setup())?;
+    wait_for_bytes(&m, 6_000_000);
+    m.sender.kill9();
+    // Cut every staged file in half while the sender is down.
+    let mut cut = 0;
+    for f in walk(&m.path("sstate").join("staging")) {
+        let len = std::fs::metadata(&f)?.len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)?
+            .set_len(len / 2)?;
+        cut += 1;
+    }
+    anyhow::ensure!(cut > 0, "nothing was staged");
+    m.sender.restart()?;
+    m.finish()?;
+    let log = m.sender.log_text();
+    assert!(
+        log.contains("staged chunk is unreadable"),
+        "the broken stage was not noticed:\n{log}"
+    );
+    Ok(())
+}

@@ -13,6 +13,7 @@
 //!
 //!     cargo build --release -p haul -p haul-bench
 //!     ./target/release/chaos_large [MB] [EVENTS] [SEED]
+//!     HAUL_BENCH_LINK_RATE=8000000 ./target/release/chaos_large 300 10   # link-bound
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -34,6 +35,21 @@ impl Rng {
     }
 }
 
+/// `HAUL_BENCH_LINK_RATE=BYTES_PER_SEC` makes the sender-receiver link the bottleneck instead
+/// of the sender's `--bwlimit`: the sender then fills its HTTP/2 window, and a cut loses what is
+/// in the pipe.
+fn link_rate() -> Option<u64> {
+    std::env::var("HAUL_BENCH_LINK_RATE").ok()?.parse().ok()
+}
+
+fn start(mb: u64) -> anyhow::Result<Move> {
+    let m = Move::new(setup(mb))?;
+    if let (Some(rate), Some(link)) = (link_rate(), m.to_receiver.as_ref()) {
+        link.set_rate(rate);
+    }
+    Ok(m)
+}
+
 fn setup(mb: u64) -> Setup {
     Setup {
         bin: haul_bin().into(),
@@ -42,7 +58,7 @@ fn setup(mb: u64) -> Setup {
         link_to_coordinator: true,
         lease_timeout: Some("5s"),
         chunk_size: Some("16MB"),
-        bwlimit: Some("8MB"),
+        bwlimit: Some(if link_rate().is_some() { "0" } else { "8MB" }),
         codec: Some("none"),
         jobs: Some("3"),
         ..Default::default()
@@ -87,7 +103,7 @@ fn main() -> anyhow::Result<()> {
 
     // Run 1: no events, to measure the protocol's own overhead on this link.
     let started = Instant::now();
-    let calm = Move::new(setup(mb)).context("start the calm run")?;
+    let calm = start(mb).context("start the calm run")?;
     let s = calm.finish()?;
     let calm_crossed = calm.to_receiver.as_ref().map_or(0, |l| l.forwarded_up());
     let overhead = calm_crossed as f64 / useful(&s).max(1) as f64;
@@ -103,7 +119,7 @@ fn main() -> anyhow::Result<()> {
     // Run 2: chaos.
     let started = Instant::now();
     let mut rng = Rng(seed);
-    let mut m = Move::new(setup(mb)).context("start the chaos run")?;
+    let mut m = start(mb).context("start the chaos run")?;
     let link = |m: &Move| m.to_receiver.as_ref().map_or(0, |l| l.forwarded_up());
     while link(&m) < 20_000_000 {
         std::thread::sleep(Duration::from_millis(50));

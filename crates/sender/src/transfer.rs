@@ -241,6 +241,10 @@ pub async fn run(
         Ok(v) => v,
         Err(e) => {
             drop(tx);
+            if let Some(b) = e.downcast_ref::<StageBroken>() {
+                tracing::warn!(chunk = chunk_id, %table, "{b}; dropped it, the chunk will be read from the source again");
+                shared.staging.remove(job_id, chunk_id).await;
+            }
             // If the receiver ended the call, its status is the better explanation.
             if let Ok(Ok(Err(status))) =
                 tokio::time::timeout(std::time::Duration::from_secs(2), call).await
@@ -530,7 +534,7 @@ impl Read<'_> {
         mut header: pb::ChunkHeader,
         resume: Option<&Prefix>,
     ) -> anyhow::Result<(u64, u64, u64, Vec<u8>)> {
-        let mut frames = FrameReader::open(path).await?;
+        let mut frames = FrameReader::open(path).await.map_err(broken)?;
         let mut hasher = blake3::Hasher::new();
         let skip = resume.map_or(0, |p| p.bytes);
         let (mut offset, mut read_frames, mut wire_bytes, mut blocks) = (0u64, 0u64, 0u64, 0u64);
@@ -549,10 +553,10 @@ impl Read<'_> {
                 progress.changed().await.context("staging chunk stopped")?;
                 continue;
             }
-            let (raw_len, payload) = frames
-                .next_frame()
-                .await?
-                .context("staging file is shorter than its record")?;
+            let (raw_len, payload) =
+                frames.next_frame().await.map_err(broken)?.ok_or_else(|| {
+                    broken(anyhow::anyhow!("staging file is shorter than its record"))
+                })?;
             read_frames += 1;
             if offset < skip {
                 let codec = self.codec;
@@ -560,7 +564,8 @@ impl Read<'_> {
                     haul_core::codec::decode(codec, &payload, raw_len as usize)
                 })
                 .await
-                .context("decode task")??;
+                .context("decode task")?
+                .map_err(broken)?;
                 hasher.update(&raw);
                 offset += raw.len() as u64;
                 if offset == skip {
@@ -589,10 +594,11 @@ impl Read<'_> {
             .done
             .clone()
             .context("staging chunk did not finish")?;
-        anyhow::ensure!(
-            raw_bytes == offset,
-            "staging file holds {offset} bytes, its record says {raw_bytes}"
-        );
+        if raw_bytes != offset {
+            return Err(broken(anyhow::anyhow!(
+                "staging file holds {offset} bytes, its record says {raw_bytes}"
+            )));
+        }
         Ok((raw_bytes, wire_bytes, blocks, digest))
     }
 
@@ -620,6 +626,23 @@ impl Read<'_> {
         }
         Ok(())
     }
+}
+
+/// A staging file that cannot be read back as recorded: it is dropped, and the chunk read from
+/// the source again next time, rather than failing the same way on every attempt.
+#[derive(Debug)]
+struct StageBroken(String);
+
+impl std::fmt::Display for StageBroken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StageBroken {}
+
+fn broken(e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(StageBroken(format!("staged chunk is unreadable: {e:#}")))
 }
 
 fn check_prefix(hasher: &blake3::Hasher, prefix: &Prefix) -> anyhow::Result<()> {
