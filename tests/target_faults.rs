@@ -98,21 +98,34 @@ fn full_spool_disk_is_reported_then_recovers() -> anyhow::Result<()> {
         ..Default::default()
     })?;
     let done = m.wait_for_chunks(2)?;
-    // Fill the disk: every spool write fails from now on.
+    // Fill the disk, and keep it full (restored chunks free their spool files): every spool
+    // write fails from now on.
     let filler = mnt.path().join("filler");
-    let _ = std::fs::write(&filler, vec![0u8; 32 << 20]);
+    let top_up = || {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&filler)
+        {
+            let block = vec![0u8; 64 << 10];
+            while std::io::Write::write_all(&mut f, &block).is_ok() {}
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !m
-        .sender
-        .log_text()
-        .contains("is full (no space left on device)")
-    {
+    loop {
+        top_up();
+        if m.sender
+            .log_text()
+            .contains("is full (no space left on device)")
+        {
+            break;
+        }
         anyhow::ensure!(
             Instant::now() < deadline,
             "no clear disk-full error:\n{}",
             m.sender.log_text()
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(20));
     }
     // Space returns; the move carries on.
     std::fs::remove_file(&filler)?;
