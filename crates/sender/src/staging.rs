@@ -119,17 +119,9 @@ impl Staging {
     }
 
     pub fn path(&self, job_id: &str, chunk_id: u64) -> PathBuf {
-        let safe: String = job_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.dir.join(safe).join(format!("chunk-{chunk_id}.stage"))
+        self.dir
+            .join(haul_core::state::path_component(job_id))
+            .join(format!("chunk-{chunk_id}.stage"))
     }
 
     /// The chunk, if it is staged completely.
