@@ -152,6 +152,7 @@ pub async fn sender(a: SenderArgs, shutdown: CancellationToken) -> anyhow::Resul
             name,
             slots: a.slots.unwrap_or(8).max(1),
             staging_bytes,
+            pg_dump: a.pg_dump,
         },
         shutdown,
     )

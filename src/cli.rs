@@ -41,6 +41,9 @@ pub enum Command {
     Status(StatusArgs),
     /// Move a database on one host: all three roles in this process, still over mTLS on loopback.
     Copy(CopyArgs),
+    /// Compare two databases chunk by chunk (row digests), and their large objects and
+    /// sequences; exits non-zero on any difference.
+    Verify(VerifyArgs),
     /// Throwaway clusters, sample data, a whole move across three processes, verified.
     Demo(DemoArgs),
 }
@@ -164,6 +167,10 @@ pub struct SenderArgs {
     /// instead of reading them again under a new snapshot (default 2GB; 0 turns staging off).
     #[arg(long, value_name = "SIZE")]
     pub staging_size: Option<String>,
+    /// The pg_dump to use (default: the newest installed; it must be of the source's major
+    /// version or newer).
+    #[arg(long, value_name = "PATH")]
+    pub pg_dump: Option<PathBuf>,
 }
 
 /// What to move and how: shared by `start` and `copy`.
@@ -190,6 +197,24 @@ pub struct JobArgs {
     /// Skip the final row-count and digest comparison.
     #[arg(long)]
     pub no_verify: bool,
+    /// Leave the `haul` schema (the ledger of applied chunks) on the target when the job is
+    /// done; by default it is dropped once the move is verified.
+    #[arg(long)]
+    pub keep_ledger: bool,
+    /// Do not carry owners: every object belongs to the target user (pg_dump --no-owner).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Do not carry privileges: no GRANT or REVOKE (pg_dump --no-privileges).
+    #[arg(long)]
+    pub no_privileges: bool,
+    /// Create the roles the moved objects need (owners, grantees) when the target lacks them,
+    /// without passwords.
+    #[arg(long)]
+    pub roles: bool,
+    /// With --roles: give the created roles their source password hashes (needs a superuser
+    /// on the source).
+    #[arg(long, requires = "roles")]
+    pub role_passwords: bool,
 }
 
 #[derive(Args, Debug, Default)]
@@ -237,6 +262,33 @@ pub struct CopyArgs {
     /// Keep state, spool and certificates here instead of a temporary directory.
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
+    /// The pg_dump to use (default: the newest installed; it must be of the source's major
+    /// version or newer).
+    #[arg(long, value_name = "PATH")]
+    pub pg_dump: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct VerifyArgs {
+    #[arg(long, value_name = "URL", env = "HAUL_SOURCE")]
+    pub source: Option<String>,
+    #[arg(long, value_name = "URL", env = "HAUL_TARGET")]
+    pub target: Option<String>,
+    /// Only these tables: comma-separated globs on schema.table or table.
+    #[arg(long, value_name = "PATTERN")]
+    pub tables: Option<String>,
+    /// Compare tables larger than this in chunks of about this size (by integer key).
+    #[arg(long, value_name = "SIZE")]
+    pub chunk_size: Option<String>,
+    /// Chunks compared at once (connections to each database).
+    #[arg(long)]
+    pub jobs: Option<u32>,
+    /// Large objects' owners are not compared (the move was made with --no-owner).
+    #[arg(long)]
+    pub no_owner: bool,
+    /// Large objects' privileges are not compared (the move was made with --no-privileges).
+    #[arg(long)]
+    pub no_privileges: bool,
 }
 
 #[derive(Args, Debug, Default)]

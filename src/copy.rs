@@ -102,6 +102,7 @@ pub async fn run(a: CopyArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
             // One process holds all three roles: a restart loses everything at once, so
             // staging would only cost disk.
             staging_bytes: 0,
+            pg_dump: a.pg_dump.clone(),
         };
         let token = agents.clone();
         tasks.spawn(async move { ("sender", haul_sender::run(cfg, token).await) });

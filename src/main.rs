@@ -8,6 +8,7 @@ mod config;
 mod copy;
 mod demo;
 mod operator;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     let default_level = match &cli.command {
         Command::Demo(_)
         | Command::Copy(_)
+        | Command::Verify(_)
         | Command::Start(_)
         | Command::Status(_)
         | Command::Certs(_) => "warn",
@@ -125,6 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Start(a) => operator::start(a).await,
         Command::Status(a) => operator::status(a).await,
         Command::Copy(a) => copy::run(a, shutdown).await,
+        Command::Verify(a) => verify::run(a).await,
         Command::Demo(a) => demo::run(a, shutdown).await,
     }
 }

@@ -33,21 +33,8 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
     };
     let chunk = parse_size(a.chunk_size.as_deref().unwrap_or(DEFAULT_CHUNK))
         .map_err(|e| fatal(format!("--chunk-size: {e}")))?;
-    let jobs = a.jobs.unwrap_or(4);
-    if jobs == 0 || jobs > 256 {
-        return Err(fatal(format!(
-            "--jobs {jobs} is out of range; use 1 to 256"
-        )));
-    }
-    let tables: Vec<String> = a
-        .tables
-        .as_deref()
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(String::from)
-        .collect();
+    let jobs = jobs_flag(a.jobs)?;
+    let tables = table_patterns(a.tables.as_deref());
     Ok(pb::JobOptions {
         codec: codec as i32,
         zstd_level: level,
@@ -57,7 +44,34 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         verify: !a.no_verify,
         tables,
         jobs,
+        keep_ledger: a.keep_ledger,
+        no_owner: a.no_owner,
+        no_privileges: a.no_privileges,
+        create_roles: a.roles,
+        role_passwords: a.role_passwords,
     })
+}
+
+/// `--jobs`, 4 by default, within 1 to 256.
+pub fn jobs_flag(jobs: Option<u32>) -> anyhow::Result<u32> {
+    let jobs = jobs.unwrap_or(4);
+    if jobs == 0 || jobs > 256 {
+        return Err(fatal(format!(
+            "--jobs {jobs} is out of range; use 1 to 256"
+        )));
+    }
+    Ok(jobs)
+}
+
+/// `--tables`: comma-separated globs, empty ones dropped.
+pub fn table_patterns(tables: Option<&str>) -> Vec<String> {
+    tables
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 pub async fn client(coordinator: &str, certs: &Path) -> anyhow::Result<CoordinatorClient<Channel>> {
@@ -216,10 +230,15 @@ pub fn progress_line(s: &pb::JobStatusReply) -> String {
     } else {
         String::new()
     };
+    let phase = if s.step.is_empty() {
+        s.phase.clone()
+    } else {
+        format!("{} ({})", s.phase, s.step)
+    };
     let mut line = format!(
         "{} {:<10} {:>5.1}%  chunks {}/{}  rows {}  {} read, {} on the wire  {}/s{}",
         s.job_id,
-        s.phase,
+        phase,
         frac * 100.0,
         s.chunks_done,
         s.chunks,
@@ -263,12 +282,22 @@ pub fn print_summary(s: &pb::JobStatusReply) {
     println!("time       {:.1} s", s.elapsed_secs);
     if s.phase == "done" {
         if s.verified {
+            let objects = if s.large_objects_checked > 0 {
+                format!(" and {} large objects", s.large_objects_checked)
+            } else {
+                String::new()
+            };
             println!(
-                "verified   {} tables: row counts and digests equal on source and target; {} sequences set",
-                s.tables_checked, s.sequences
+                "verified   {} tables{objects}: counts and digests equal on source and target ({} of {} chunks compared as they were applied, the rest table by table at the end); {} sequences set",
+                s.tables_checked, s.chunks_checked, s.chunks, s.sequences
             );
         } else {
             println!("verified   no (--no-verify)");
+        }
+        if s.ledger_dropped {
+            println!("ledger     dropped from the target (schema haul); the job's summary stays with the coordinator");
+        } else {
+            println!("ledger     kept on the target in schema haul (--keep-ledger); drop it with DROP SCHEMA haul CASCADE");
         }
     }
     match s.snapshots.len() {
@@ -290,11 +319,20 @@ pub fn print_summary(s: &pb::JobStatusReply) {
             );
         }
     }
+    for m in &s.chunk_mismatches {
+        println!("MISMATCH   {m}");
+    }
     for m in &s.mismatches {
         let t = m
             .table
             .as_ref()
-            .map(|t| format!("{}.{}", t.schema, t.name))
+            .map(|t| {
+                if t.schema == "pg_catalog" && t.name == "pg_largeobject" {
+                    "large objects".to_string()
+                } else {
+                    format!("{}.{}", t.schema, t.name)
+                }
+            })
             .unwrap_or_default();
         println!(
             "MISMATCH   {t}: source {} rows, target {} rows{}",
@@ -350,7 +388,9 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "tables_checked": s.tables_checked, "sequences": s.sequences, "snapshot_id": s.snapshot_id,
         "consistent": s.consistent, "snapshots": snapshots,
         "resumed_bytes_done": s.resumed_bytes_done, "resent_bytes_done": s.resent_bytes_done,
-        "in_flight": s.in_flight,
+        "in_flight": s.in_flight, "step": s.step, "ledger_dropped": s.ledger_dropped,
+        "large_objects_checked": s.large_objects_checked,
+        "chunks_checked": s.chunks_checked, "chunk_mismatches": s.chunk_mismatches,
         "table_progress": tables, "mismatches": mismatches,
     })
     .to_string()

@@ -92,3 +92,138 @@ fn a_restore_abandoned_mid_transaction_is_rolled_back() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Every step of finalize where the receiver works, in order. Each `die-` point ends the
+/// receiver there and each `stall-` point holds it there for a few seconds.
+const RECEIVER_STEPS: [&str; 7] = [
+    "in-post-data-wave1",
+    "in-post-data-wave2",
+    "before-sequences",
+    "before-matviews",
+    "before-digests",
+    "after-digests",
+    "in-cleanup",
+];
+
+fn wait_for_line(agent: &Agent, line: &str, deadline: Instant) -> anyhow::Result<()> {
+    while !agent.log_text().contains(line) {
+        anyhow::ensure!(Instant::now() < deadline, "never logged: {line}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Arm `points` (each fires once across restarts) in a move that drops its ledger at the end,
+/// and restart `role` each time it dies at one of them, in order. The move must end `done`,
+/// equal, and with no haul schema left on the target.
+fn dies_at_each(points: &[&str], role: fn(&mut Move) -> &mut Agent) -> anyhow::Result<()> {
+    let armed: &'static str = Box::leak(points.join(",").into_boxed_str());
+    let mut m = moves::start(Setup {
+        failpoints: Some(armed),
+        drop_ledger: true,
+        bwlimit: Some("0"),
+        ..Default::default()
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for point in points {
+        while !role(&mut m).exited() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{point} never fired:\n{}",
+                role(&mut m).log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = role(&mut m).log_text();
+        anyhow::ensure!(
+            log.contains(&format!("failpoint {point} fired")),
+            "the role died elsewhere than at {point}:\n{log}"
+        );
+        role(&mut m).restart()?;
+    }
+    m.finish()?;
+    Ok(())
+}
+
+/// Hold the receiver at each finalize step in turn and kill `role` while it is held there.
+fn killed_during_each_step(role: fn(&mut Move) -> &mut Agent) -> anyhow::Result<()> {
+    let points: Vec<String> = RECEIVER_STEPS
+        .iter()
+        .map(|s| format!("stall-{s}"))
+        .collect();
+    let armed: &'static str = Box::leak(points.join(",").into_boxed_str());
+    let mut m = moves::start(Setup {
+        failpoints: Some(armed),
+        drop_ledger: true,
+        bwlimit: Some("0"),
+        ..Default::default()
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for point in &points {
+        wait_for_line(&m.receiver, &format!("failpoint {point} fired"), deadline)?;
+        role(&mut m).restart()?;
+    }
+    m.finish()?;
+    Ok(())
+}
+
+#[test]
+fn receiver_dies_at_every_finalize_step() -> anyhow::Result<()> {
+    let points: Vec<String> = RECEIVER_STEPS.iter().map(|s| format!("die-{s}")).collect();
+    let points: Vec<&str> = points.iter().map(String::as_str).collect();
+    dies_at_each(&points, |m| &mut m.receiver)
+}
+
+#[test]
+fn sender_dies_at_every_finalize_step() -> anyhow::Result<()> {
+    dies_at_each(
+        &[
+            "die-before-receiver-finalize",
+            "die-before-final-report",
+            "die-before-cleanup-report",
+        ],
+        |m| &mut m.sender,
+    )
+}
+
+#[test]
+fn coordinator_dies_on_the_final_and_cleanup_reports() -> anyhow::Result<()> {
+    dies_at_each(&["die-on-final-report", "die-on-cleanup-report"], |m| {
+        &mut m.coordinator
+    })
+}
+
+#[test]
+fn coordinator_killed_during_every_finalize_step() -> anyhow::Result<()> {
+    killed_during_each_step(|m| &mut m.coordinator)
+}
+
+#[test]
+fn sender_killed_during_every_finalize_step() -> anyhow::Result<()> {
+    killed_during_each_step(|m| &mut m.sender)
+}
+
+/// Regression: a coordinator killed while the receiver applied post-data handed the finalize
+/// task out again on restart, post-data was applied a second time, and the job failed for good
+/// with "cannot create index … relation … already exists".
+#[test]
+fn a_coordinator_restart_during_post_data_does_not_apply_it_twice() -> anyhow::Result<()> {
+    let mut m = moves::start(Setup {
+        failpoints: Some("stall-in-post-data-wave1"),
+        drop_ledger: true,
+        bwlimit: Some("0"),
+        ..Default::default()
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    wait_for_line(
+        &m.receiver,
+        "failpoint stall-in-post-data-wave1 fired",
+        deadline,
+    )?;
+    m.coordinator.restart()?;
+    let s = m.finish()?;
+    assert_eq!(s["phase"], "done", "{s}");
+    let log = m.receiver.log_text();
+    assert!(!log.contains("already exists"), "{log}");
+    Ok(())
+}

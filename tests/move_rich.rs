@@ -23,7 +23,7 @@ fn copy_moves_the_rich_database_exactly() -> anyhow::Result<()> {
             &target.url("rich"),
         ])
         // Small chunks so the big tables split (by key and by pages) and run in parallel.
-        .args(["--chunk-size", "4MB", "--jobs", "3"])
+        .args(["--chunk-size", "4MB", "--jobs", "3", "--keep-ledger"])
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);

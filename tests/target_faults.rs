@@ -48,6 +48,7 @@ fn corrupt_spool_is_discarded_and_fetched_again() -> anyhow::Result<()> {
             &c.url("dst"),
             "--chunk-size",
             "4MB",
+            "--keep-ledger",
         ])
         .env("HAUL_FAILPOINTS", "corrupt-spool")
         .output()?;

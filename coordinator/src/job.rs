@@ -47,6 +47,16 @@ pub struct Options {
     pub verify: bool,
     pub tables: Vec<String>,
     pub jobs: u32,
+    #[serde(default)]
+    pub keep_ledger: bool,
+    #[serde(default)]
+    pub no_owner: bool,
+    #[serde(default)]
+    pub no_privileges: bool,
+    #[serde(default)]
+    pub create_roles: bool,
+    #[serde(default)]
+    pub role_passwords: bool,
 }
 
 impl From<&haul_proto::JobOptions> for Options {
@@ -60,6 +70,11 @@ impl From<&haul_proto::JobOptions> for Options {
             verify: o.verify,
             tables: o.tables.clone(),
             jobs: o.jobs,
+            keep_ledger: o.keep_ledger,
+            no_owner: o.no_owner,
+            no_privileges: o.no_privileges,
+            create_roles: o.create_roles,
+            role_passwords: o.role_passwords,
         }
     }
 }
@@ -75,6 +90,11 @@ impl Options {
             verify: self.verify,
             tables: self.tables.clone(),
             jobs: self.jobs,
+            keep_ledger: self.keep_ledger,
+            no_owner: self.no_owner,
+            no_privileges: self.no_privileges,
+            create_roles: self.create_roles,
+            role_passwords: self.role_passwords,
         }
     }
 }
@@ -122,6 +142,21 @@ pub struct JobRecord {
     /// The finalize task is out (with the planner); not handed out twice at once.
     #[serde(default)]
     pub finalize_leased: bool,
+    /// Failed finalize or cleanup attempts, and the earliest time of the next one (backoff, so
+    /// a receiver that is restarting is not burnt through the attempts in a second).
+    #[serde(default)]
+    pub finalize_attempts: u32,
+    #[serde(default)]
+    pub finalize_not_before_ms: u64,
+    /// Verification passed (or was not asked for): what is left is to clean the target up.
+    #[serde(default)]
+    pub cleanup_pending: bool,
+    /// The sender the cleanup task is out with (a new process of it holds nothing).
+    #[serde(default)]
+    pub cleanup_holder: Option<String>,
+    /// Whether the haul schema is gone from the target (false with --keep-ledger).
+    #[serde(default)]
+    pub ledger_dropped: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -176,7 +211,17 @@ pub struct Chunk {
     /// peer that is restarting is not burnt through the attempt limit in a second.
     #[serde(default)]
     pub not_before_ms: u64,
+    /// The receiver read the chunk's rows back after commit and compared them with the
+    /// sender's digest; `mismatch` says how they differ (empty: equal).
+    #[serde(default)]
+    pub checked: bool,
+    #[serde(default)]
+    pub mismatch: String,
 }
+
+/// Failed finalize or cleanup attempts before the job fails: with [`backoff_ms`] that is about
+/// five minutes of a receiver being away.
+pub const MAX_FINALIZE_ATTEMPTS: u32 = 14;
 
 /// Transient failures a chunk may have before the job fails. With the backoff below, that is
 /// about two minutes of a peer being unreachable.
@@ -200,6 +245,8 @@ impl Chunk {
             last_error: String::new(),
             not_before_ms: 0,
             snapshot_id: String::new(),
+            checked: false,
+            mismatch: String::new(),
         }
     }
 }
@@ -236,6 +283,11 @@ impl Job {
                 sequences: 0,
                 post_data_objects: 0,
                 finalize_leased: false,
+                finalize_attempts: 0,
+                finalize_not_before_ms: 0,
+                cleanup_pending: false,
+                cleanup_holder: None,
+                ledger_dropped: false,
                 planner_incarnation: String::new(),
                 snapshot_lost: false,
                 snapshot_leased: false,
@@ -347,6 +399,46 @@ impl Job {
         out
     }
 
+    /// Tables with a chunk whose rows were not compared along the way: compared whole at the
+    /// end.
+    pub fn tables_to_verify_whole(&self) -> Vec<usize> {
+        let mut need = vec![false; self.tables.len()];
+        for c in &self.chunks {
+            if !c.checked {
+                if let Some(n) = need.get_mut(c.table) {
+                    *n = true;
+                }
+            }
+        }
+        need.iter()
+            .enumerate()
+            .filter_map(|(i, n)| n.then_some(i))
+            .collect()
+    }
+
+    /// Rows the chunks of each table carried (done chunks), by table index.
+    pub fn rows_by_table(&self) -> Vec<i64> {
+        let mut rows = vec![0i64; self.tables.len()];
+        for c in &self.chunks {
+            if let (ChunkState::Done { rows: r, .. }, Some(t)) = (&c.state, rows.get_mut(c.table)) {
+                *t += *r as i64;
+            }
+        }
+        rows
+    }
+
+    /// Chunks whose rows differ between source and target, one line each.
+    pub fn chunk_mismatches(&self) -> Vec<String> {
+        let mut out: Vec<(u64, String)> = self
+            .chunks
+            .iter()
+            .filter(|c| !c.mismatch.is_empty())
+            .map(|c| (c.id, c.mismatch.clone()))
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, m)| m).collect()
+    }
+
     pub fn elapsed_secs(&self) -> f64 {
         let end = if self.record.finished_unix_ms > 0 {
             self.record.finished_unix_ms
@@ -380,6 +472,11 @@ mod tests {
                 verify: true,
                 tables: vec![],
                 jobs: 2,
+                keep_ledger: false,
+                no_owner: false,
+                no_privileges: false,
+                create_roles: false,
+                role_passwords: false,
             },
         );
         for i in 0..n {

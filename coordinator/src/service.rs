@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::job::{
     backoff_ms, now_ms, Check, Chunk, ChunkState, Job, Options, Phase, TableInfo, MAX_ATTEMPTS,
+    MAX_FINALIZE_ATTEMPTS,
 };
 use crate::store::Store;
 
@@ -96,7 +97,10 @@ impl Inner {
             }
             j.record.finalize_leased = false;
             j.record.snapshot_leased = false;
+            j.record.cleanup_holder = None;
         }
+        // Newest last: `status` without a job id shows the latest job.
+        jobs.sort_by_key(|j| j.record.started_unix_ms);
         Ok(Inner {
             store,
             state: Mutex::new(State {
@@ -218,8 +222,24 @@ impl State {
                         return Some(finalize_task(j));
                     }
                 }
+                // Cleanup needs no snapshot: any sender may carry it to the receiver.
                 Phase::Finalizing
-                    if j.record.planner.as_deref() == Some(agent) && !j.record.finalize_leased =>
+                    if j.record.cleanup_pending
+                        && j.record.cleanup_holder.is_none()
+                        && j.record.finalize_not_before_ms <= now_ms() =>
+                {
+                    j.record.cleanup_holder = Some(agent.to_string());
+                    return Some(pb::sender_task::Task::Cleanup(pb::CleanupTask {
+                        job_id: j.record.id.clone(),
+                        receiver_addr: j.record.receiver_addr.clone(),
+                        keep_ledger: j.record.options.keep_ledger,
+                    }));
+                }
+                Phase::Finalizing
+                    if !j.record.cleanup_pending
+                        && j.record.planner.as_deref() == Some(agent)
+                        && !j.record.finalize_leased
+                        && j.record.finalize_not_before_ms <= now_ms() =>
                 {
                     j.record.finalize_leased = true;
                     return Some(finalize_task(j));
@@ -236,6 +256,11 @@ fn finalize_task(j: &Job) -> pb::sender_task::Task {
         job_id: j.record.id.clone(),
         receiver_addr: j.record.receiver_addr.clone(),
         options: Some(j.record.options.to_wire()),
+        full_verify: j
+            .tables_to_verify_whole()
+            .into_iter()
+            .filter_map(|i| j.tables.get(i).map(|t| t.table.to_wire()))
+            .collect(),
     })
 }
 
@@ -280,7 +305,13 @@ impl Coordinator for CoordinatorService {
                     j.record.planner = None;
                     dirty = true;
                 }
+                // A new process of the sender cleaning up: the cleanup died with the old one.
+                if restarted && j.record.cleanup_holder.as_deref() == Some(id.as_str()) {
+                    j.record.cleanup_holder = None;
+                    dirty = true;
+                }
                 if holder
+                    && !j.record.cleanup_pending
                     && !r.incarnation.is_empty()
                     && !j.record.planner_incarnation.is_empty()
                     && j.record.planner_incarnation != r.incarnation
@@ -457,6 +488,8 @@ impl Coordinator for CoordinatorService {
         if !job.complete(index, done, &r.snapshot_id) {
             return Ok(Response::new(pb::Empty {}));
         }
+        job.chunks[index].checked = r.checked;
+        job.chunks[index].mismatch = r.mismatch.clone();
         job.record.warning.clear();
         let chunk = job.chunks[index].clone();
         let phase_changed = job.all_done() && job.record.phase == Phase::Copying;
@@ -495,23 +528,55 @@ impl Coordinator for CoordinatorService {
                 target_digest: c.target_digest.clone(),
             });
         }
+        // Test point: the final report arrives and dies with the coordinator.
+        haul_core::failpoint::die("die-on-final-report");
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
-        if job.record.phase != Phase::Finalizing {
+        // A second finalize run (after a restart of any role) reports again: the first counts.
+        if job.record.phase != Phase::Finalizing || job.record.cleanup_pending {
             return Ok(Response::new(pb::Empty {}));
         }
         job.record.verified = r.verified;
         job.record.sequences = r.sequences;
         job.record.post_data_objects = r.post_data_objects;
+        // A table whose rows were compared chunk by chunk is checked at the end by its count
+        // only: the source's is what its chunks carried, under the job's snapshot.
+        let rows = job.rows_by_table();
+        for c in &mut checks {
+            if c.source_digest.is_empty() && c.target_digest.is_empty() {
+                if let Some(i) = job.tables.iter().position(|t| t.table == c.table) {
+                    c.source_rows = rows[i];
+                }
+            }
+        }
+        let chunk_bad = if r.verified {
+            job.chunk_mismatches()
+        } else {
+            Vec::new()
+        };
         let bad: Vec<String> = checks
             .iter()
             .filter(|c| !c.matches())
-            .map(|c| c.table.to_string())
+            .map(|c| {
+                if haul_core::large_object::is_large_objects(&c.table) {
+                    "large objects".to_string()
+                } else {
+                    c.table.to_string()
+                }
+            })
             .collect();
         job.record.checks = checks;
-        job.record.finished_unix_ms = now_ms();
-        if bad.is_empty() {
-            job.record.phase = Phase::Done;
+        if !chunk_bad.is_empty() {
+            job.fail(format!(
+                "verification found {} chunk(s) whose rows differ between source and target: {}",
+                chunk_bad.len(),
+                chunk_bad.join("; ")
+            ));
+        } else if bad.is_empty() {
+            // Verified: the target's traces of the job go next, then it is done.
+            job.record.cleanup_pending = true;
+            job.record.finalize_attempts = 0;
+            job.record.finalize_not_before_ms = 0;
         } else {
             job.fail(format!(
                 "verification found {} table(s) that differ between source and target: {}",
@@ -519,7 +584,38 @@ impl Coordinator for CoordinatorService {
                 bad.join(", ")
             ));
         }
-        tracing::info!(job = %job.record.id, phase = job.record.phase.as_str(), "finished");
+        if job.record.phase == Phase::Failed {
+            tracing::info!(job = %job.record.id, "finished: {}", job.record.error);
+        } else {
+            tracing::info!(job = %job.record.id, "verified; cleaning up the target");
+        }
+        let record = job.record.clone();
+        drop(st);
+        self.inner.store.put_record(&record).map_err(to_status)?;
+        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn report_cleanup(
+        &self,
+        req: Request<pb::CleanupReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        // Test point: the target is clean, and the report dies with the coordinator.
+        haul_core::failpoint::die("die-on-cleanup-report");
+        let r = req.into_inner();
+        let mut st = self.inner.state.lock().await;
+        let job = st.job_mut(&r.job_id)?;
+        if job.record.phase != Phase::Finalizing || !job.record.cleanup_pending {
+            return Ok(Response::new(pb::Empty {}));
+        }
+        job.record.cleanup_pending = false;
+        job.record.cleanup_holder = None;
+        job.record.ledger_dropped = !job.record.options.keep_ledger;
+        job.record.phase = Phase::Done;
+        job.record.finished_unix_ms = now_ms();
+        tracing::info!(job = %job.record.id, "done");
         let record = job.record.clone();
         drop(st);
         self.inner.store.put_record(&record).map_err(to_status)?;
@@ -654,7 +750,8 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::FailureReport>,
     ) -> Result<Response<pb::Empty>, Status> {
-        haul_certs::require(&req, &[Role::Sender])?;
+        let who = haul_certs::require(&req, &[Role::Sender])?;
+        let reporter = agent_id(who.role, &who.name);
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
@@ -680,6 +777,12 @@ impl Coordinator for CoordinatorService {
                     c.not_before_ms = now_ms() + 5_000;
                 }
             }
+        } else if r.chunk_id == 0
+            && job.record.cleanup_pending
+            && job.record.cleanup_holder.as_deref() != Some(reporter.as_str())
+        {
+            // A late failure of a finalize run that another run already reported: nothing to
+            // retry.
         } else if r.fatal {
             job.fail(r.message.clone());
         } else if job.record.snapshot_lost && r.chunk_id == 0 {
@@ -692,10 +795,17 @@ impl Coordinator for CoordinatorService {
         } else if r.chunk_id == 0 {
             match job.record.phase {
                 Phase::Planning if job.record.plan_attempts < 3 => job.record.planner = None,
-                // The planner polls again and retries, a few times.
-                Phase::Finalizing if job.record.plan_attempts < 6 => {
-                    job.record.finalize_leased = false;
-                    job.record.plan_attempts += 1;
+                // Finalize (or cleanup) is retried with backoff: every step of it is idempotent or
+                // recorded in the target, so running it again after any failure is safe.
+                Phase::Finalizing if job.record.finalize_attempts + 1 < MAX_FINALIZE_ATTEMPTS => {
+                    job.record.finalize_attempts += 1;
+                    job.record.finalize_not_before_ms =
+                        now_ms() + backoff_ms(job.record.finalize_attempts);
+                    if job.record.cleanup_pending {
+                        job.record.cleanup_holder = None;
+                    } else {
+                        job.record.finalize_leased = false;
+                    }
                 }
                 _ => job.fail(r.message.clone()),
             }
@@ -742,8 +852,9 @@ impl Coordinator for CoordinatorService {
         if o.jobs == 0 {
             return Err(Status::invalid_argument("--jobs must be at least 1"));
         }
-        let n = self.inner.store.next_job_number().map_err(to_status)?;
-        let id = format!("job-{}", n + 1);
+        // A UUID (time-ordered, v7): two jobs never share an id, whichever coordinator or `copy`
+        // run made them, so one job's ledger rows on a target are never taken as another's.
+        let id = uuid::Uuid::now_v7().to_string();
         let job = Job::new(id.clone(), Options::from(&o));
         self.inner
             .store
@@ -793,12 +904,31 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
         chunks: job.chunks.len() as u64,
         elapsed_secs: job.elapsed_secs(),
         verified: rec.verified && rec.phase == Phase::Done,
-        tables_checked: rec.checks.len() as u32,
+        ledger_dropped: rec.ledger_dropped,
+        chunks_checked: job.chunks.iter().filter(|c| c.checked).count() as u64,
+        chunk_mismatches: job.chunk_mismatches(),
+        tables_checked: rec
+            .checks
+            .iter()
+            .filter(|c| !haul_core::large_object::is_large_objects(&c.table))
+            .count() as u32,
+        large_objects_checked: rec
+            .checks
+            .iter()
+            .find(|c| haul_core::large_object::is_large_objects(&c.table))
+            .map_or(0, |c| c.source_rows),
         sequences: rec.sequences,
         snapshot_id: rec.snapshot_id.clone(),
         planned_bytes: job.tables.iter().map(|t| t.bytes).sum(),
         ..Default::default()
     };
+    if rec.phase == Phase::Finalizing {
+        reply.step = if rec.cleanup_pending {
+            "cleanup".to_string()
+        } else {
+            "post-data, sequences and verification".to_string()
+        };
+    }
     if !rec.phase.is_over() && !rec.warning.is_empty() {
         reply.error = format!("waiting: {}", rec.warning);
     }

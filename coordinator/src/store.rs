@@ -79,10 +79,6 @@ impl Store {
         Ok(next)
     }
 
-    pub fn next_job_number(&self) -> anyhow::Result<u64> {
-        self.db.generate_id().context("generate job id")
-    }
-
     pub fn put_record(&self, r: &JobRecord) -> anyhow::Result<()> {
         let v = serde_json::to_vec(r).context("encode job record")?;
         self.jobs

@@ -20,7 +20,113 @@ pub const CREATE: &str = "CREATE SCHEMA IF NOT EXISTS haul; \
     CREATE TABLE IF NOT EXISTS haul.schema_applied ( \
         job_id text PRIMARY KEY, \
         objects integer NOT NULL, \
-        applied_at timestamptz NOT NULL DEFAULT now())";
+        applied_at timestamptz NOT NULL DEFAULT now()); \
+    CREATE TABLE IF NOT EXISTS haul.finalize_applied ( \
+        job_id text NOT NULL, \
+        step text NOT NULL, \
+        applied_at timestamptz NOT NULL DEFAULT now(), \
+        PRIMARY KEY (job_id, step))";
+
+/// The row that says one finalize step of a job is in (a post-data entry, say), written in the
+/// transaction that applies it: a finalize run again after a crash skips what is recorded.
+pub fn mark_step(job_id: &str, step: &str) -> String {
+    format!(
+        "INSERT INTO haul.finalize_applied (job_id, step) VALUES ({}, {}) ON CONFLICT DO NOTHING",
+        haul_core::ident::quote_literal(job_id),
+        haul_core::ident::quote_literal(step)
+    )
+}
+
+/// The finalize steps of a job that are recorded as applied.
+pub async fn steps_applied(
+    client: &Client,
+    job_id: &str,
+) -> anyhow::Result<std::collections::HashSet<String>> {
+    let rows = client
+        .query(
+            "SELECT step FROM haul.finalize_applied WHERE job_id = $1",
+            &[&job_id],
+        )
+        .await
+        .context("read haul.finalize_applied")?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Record one finalize step as applied, on its own (for steps that are idempotent anyway and
+/// are recorded only so a second run can skip their cost).
+pub async fn record_step(client: &Client, job_id: &str, step: &str) -> anyhow::Result<()> {
+    client
+        .batch_execute(&mark_step(job_id, step))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "record finalize step {step} in haul.finalize_applied: {}",
+                haul_core::pg::db_error_line(&e)
+            )
+        })
+}
+
+/// Another job's rows in the target's ledger, if any: its id, how many chunks it applied and
+/// when it last applied one. Such a target is refused: its ledger says another move was here.
+pub async fn other_job(
+    client: &Client,
+    job_id: &str,
+) -> anyhow::Result<Option<(String, i64, String)>> {
+    let row = client
+        .query_opt(
+            "SELECT j.job_id, \
+                    (SELECT count(*) FROM haul.ledger l WHERE l.job_id = j.job_id), \
+                    coalesce((SELECT to_char(max(applied_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') || ' UTC' \
+                              FROM haul.ledger l WHERE l.job_id = j.job_id), 'no chunks') \
+             FROM (SELECT job_id FROM haul.ledger WHERE job_id <> $1 \
+                   UNION SELECT job_id FROM haul.schema_applied WHERE job_id <> $1 \
+                   UNION SELECT job_id FROM haul.finalize_applied WHERE job_id <> $1) j \
+             ORDER BY 1 LIMIT 1",
+            &[&job_id],
+        )
+        .await
+        .context("look for other jobs in the target's ledger")?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
+}
+
+/// Remove a finished job's rows from the ledger, and the haul schema itself once no other job
+/// has rows in it. Returns whether the schema is gone. Idempotent: a cleanup run again after a
+/// crash finds less, or nothing, to do.
+pub async fn drop_job(client: &Client, job_id: &str) -> anyhow::Result<bool> {
+    let exists: bool = client
+        .query_one("SELECT to_regnamespace('haul') IS NOT NULL", &[])
+        .await
+        .context("look up schema haul on target")?
+        .get(0);
+    if !exists {
+        return Ok(true);
+    }
+    let sql = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(7307838); \
+         DELETE FROM haul.ledger WHERE job_id = {id}; \
+         DELETE FROM haul.schema_applied WHERE job_id = {id}; \
+         DELETE FROM haul.finalize_applied WHERE job_id = {id}; \
+         DO $$ BEGIN \
+           IF NOT EXISTS (SELECT 1 FROM haul.ledger) AND NOT EXISTS (SELECT 1 FROM haul.schema_applied) \
+              AND NOT EXISTS (SELECT 1 FROM haul.finalize_applied) THEN \
+             DROP SCHEMA haul CASCADE; \
+           END IF; END $$; \
+         COMMIT",
+        id = haul_core::ident::quote_literal(job_id)
+    );
+    client.batch_execute(&sql).await.map_err(|e| {
+        anyhow::anyhow!(
+            "remove the ledger of job {job_id} from the target: {}",
+            haul_core::pg::db_error_line(&e)
+        )
+    })?;
+    let exists: bool = client
+        .query_one("SELECT to_regnamespace('haul') IS NOT NULL", &[])
+        .await
+        .context("look up schema haul on target")?
+        .get(0);
+    Ok(!exists)
+}
 
 /// The row that says a job's pre-data is in, written in the transaction that applies it: a
 /// planner that dies after the schema went in, and plans again, finds it and skips ahead.
@@ -41,6 +147,15 @@ pub async fn schema_applied(client: &Client, job_id: &str) -> anyhow::Result<Opt
         .await
         .context("read haul.schema_applied")?;
     Ok(row.map(|r| r.get::<_, i32>(0).max(0) as u32))
+}
+
+/// Whether the target has a `haul` schema (an earlier job's, or this job's before a restart).
+pub async fn exists(client: &Client) -> anyhow::Result<bool> {
+    Ok(client
+        .query_one("SELECT to_regclass('haul.ledger') IS NOT NULL", &[])
+        .await
+        .context("look up haul.ledger on target")?
+        .get(0))
 }
 
 /// Create the ledger if needed. Serialised by an advisory lock so concurrent receivers on one

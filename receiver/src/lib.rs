@@ -49,8 +49,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("create state directory {}", config.state_dir.display()))?;
+    // The ledger is created when a job's schema arrives, not here: a receiver that never
+    // gets a job leaves the target as it found it.
     let client = config.target.connect("haul-receiver-check").await?;
-    ledger::ensure(&client).await?;
     let replica_role: bool = client
         .query_one(
             "SELECT rolsuper FROM pg_roles WHERE rolname = current_user",
@@ -80,6 +81,8 @@ pub async fn run(
             Role::Coordinator,
         )?),
         config: config.clone(),
+        finalizing: Default::default(),
+        shapes: Default::default(),
     });
     let svc = pb::receiver_server::ReceiverServer::new(service::ReceiverService { inner })
         .max_decoding_message_size(haul_core::MAX_MESSAGE_BYTES)

@@ -99,12 +99,26 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
         return Ok(Applied::Before { rows, snapshot_id });
     }
 
-    let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let sql = format!(
-        "COPY {} ({}) FROM STDIN (FORMAT binary)",
-        r.table.quoted(),
-        cols.join(", ")
-    );
+    let large_objects = haul_core::large_object::is_large_objects(r.table);
+    let sql = if large_objects {
+        client
+            .batch_execute(haul_core::large_object::TARGET_STAGE)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "stage large objects on target: {}",
+                    haul_core::pg::db_error_line(&e)
+                )
+            })?;
+        haul_core::large_object::TARGET_COPY.to_string()
+    } else {
+        let cols: Vec<String> = r.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        format!(
+            "COPY {} ({}) FROM STDIN (FORMAT binary)",
+            r.table.quoted(),
+            cols.join(", ")
+        )
+    };
     let sink = client.copy_in::<_, Bytes>(&sql).await.map_err(|e| {
         let line = format!(
             "cannot load target table {}: {}",
@@ -144,12 +158,8 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             r.chunk_id, r.table
         ))));
     }
-    let rows = sink.finish().await.map_err(|e| {
-        let line = format!(
-            "load {} on target: {}",
-            r.table,
-            haul_core::pg::db_error_line(&e)
-        );
+    let refused = |what: &str, e: &tokio_postgres::Error| {
+        let line = format!("{what} on target: {}", haul_core::pg::db_error_line(e));
         // Rows the target refuses (constraint, type) are bad input, not a transient fault.
         match e.code().map(|c| c.code()) {
             Some(code)
@@ -159,7 +169,26 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             }
             _ => anyhow::anyhow!(line),
         }
-    })?;
+    };
+    let mut rows = sink
+        .finish()
+        .await
+        .map_err(|e| refused(&format!("load {}", r.table), &e))?;
+    if large_objects {
+        // The rows staged are objects' metadata rows and content slices: the chunk's rows, as
+        // the ledger counts them, are its objects.
+        let out = client
+            .simple_query(haul_core::large_object::TARGET_APPLY)
+            .await
+            .map_err(|e| refused("create large objects", &e))?;
+        rows = out
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<u64>().ok()),
+                _ => None,
+            })
+            .unwrap_or(0);
+    }
     // Fencing: a sender whose lease expired or went to another sender must not commit, even
     // if its bytes are good. Asked last, so the answer is as fresh as it can be.
     // Test point: hold the open transaction a while, so a test can make the RPC go away here.

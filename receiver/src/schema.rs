@@ -85,6 +85,95 @@ pub async fn preflight(
     Ok(())
 }
 
+/// Refuse a target that already holds large objects when the job moves some: the source's
+/// would collide with them, or be merged into a database that is not the source's.
+pub async fn preflight_large_objects(client: &Client) -> anyhow::Result<()> {
+    let n: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_largeobject_metadata",
+            &[],
+        )
+        .await
+        .context("count target large objects")?
+        .get(0);
+    if n > 0 {
+        return Err(fatal(format!(
+            "target already holds {n} large objects and the source has large objects to move; \
+             use an empty target database (or remove them with lo_unlink)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuse a target that cannot create an extension the source uses, naming every one missing,
+/// before anything is written: pg_dump's pre-data creates them, and the first missing one
+/// would otherwise fail the schema halfway.
+pub async fn preflight_extensions(client: &Client, names: &[String]) -> anyhow::Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let missing: Vec<String> = client
+        .query(
+            "SELECT e FROM unnest($1::text[]) AS e \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_available_extensions a WHERE a.name = e) ORDER BY 1",
+            &[&names],
+        )
+        .await
+        .context("look up extensions available on the target")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !missing.is_empty() {
+        return Err(fatal(format!(
+            "the target server cannot create extensions the source uses: {}; install their packages on the target's server, then run the move again",
+            missing.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// The roles the moved objects need that the target lacks. Without `create`, they are refused
+/// in one line naming them all and the flags that help; with it, their `CREATE ROLE`
+/// statements are returned, to run in the transaction that applies pre-data.
+pub async fn preflight_roles(
+    client: &Client,
+    roles: &[pb::RoleDef],
+    create: bool,
+) -> anyhow::Result<Vec<String>> {
+    if roles.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+    let missing: Vec<String> = client
+        .query(
+            "SELECT r FROM unnest($1::text[]) AS r \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_roles a WHERE a.rolname = r) ORDER BY 1",
+            &[&names],
+        )
+        .await
+        .context("look up roles on the target")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !create {
+        return Err(fatal(format!(
+            "the target lacks {} role(s) that own or are granted the moved objects: {}; create them, \
+             pass --roles to create them (without passwords; add --role-passwords for the source's), \
+             or pass --no-owner --no-privileges to leave owners and grants behind",
+            missing.len(),
+            missing.join(", ")
+        )));
+    }
+    Ok(roles
+        .iter()
+        .filter(|r| missing.contains(&r.name))
+        .map(|r| r.create_sql.clone())
+        .collect())
+}
+
 /// Statements sent per round trip. A multi-statement simple query runs as one implicit
 /// transaction, so a batch either applies whole or not at all; on failure it is replayed one
 /// entry at a time to name the entry that failed.
@@ -132,7 +221,12 @@ impl std::error::Error for BatchFailed {}
 /// Apply pre-data; returns the number of entries applied.
 /// Apply pre-data, in one transaction when the target's lock table allows, else in batches.
 /// The last transaction also records the job in `haul.schema_applied`.
-pub async fn apply_pre(client: &Client, script: &Script, job_id: &str) -> anyhow::Result<u32> {
+pub async fn apply_pre(
+    client: &Client,
+    script: &Script,
+    job_id: &str,
+    create_roles: &[String],
+) -> anyhow::Result<u32> {
     let capacity: i64 = client
         .query_one(
             "SELECT current_setting('max_locks_per_transaction')::int8 * \
@@ -159,6 +253,19 @@ pub async fn apply_pre(client: &Client, script: &Script, job_id: &str) -> anyhow
             .batch_execute("BEGIN")
             .await
             .context("begin schema batch")?;
+        // The roles the objects need go in with the first batch: created with the schema, or
+        // not at all.
+        if i == 0 {
+            for sql in create_roles {
+                if let Err(e) = client.batch_execute(sql).await {
+                    let _ = client.batch_execute("ROLLBACK").await;
+                    return Err(fatal(format!(
+                        "cannot create role on target ({sql}): {}",
+                        haul_core::pg::db_error_line(&e)
+                    )));
+                }
+            }
+        }
         if i + 1 == groups {
             let mark = crate::ledger::mark_schema(job_id, script.entries.len() as u32);
             client
@@ -176,6 +283,11 @@ pub async fn apply_pre(client: &Client, script: &Script, job_id: &str) -> anyhow
                 .batch_execute("BEGIN")
                 .await
                 .context("begin schema replay")?;
+            if i == 0 {
+                for sql in create_roles {
+                    let _ = client.batch_execute(sql).await;
+                }
+            }
             for entry in group {
                 if let Err(err) = client.batch_execute(&entry.sql).await {
                     let _ = client.batch_execute("ROLLBACK").await;
@@ -208,54 +320,93 @@ fn entry_error(verb: &str, e: &Entry, err: &tokio_postgres::Error) -> anyhow::Er
 }
 
 /// Apply post-data with up to `parallel` connections; returns the number of entries.
-pub async fn apply_post(target: &DbUrl, script: &Script, parallel: usize) -> anyhow::Result<u32> {
-    let (wave1, wave2): (Vec<&Entry>, Vec<&Entry>) = script
+///
+/// Every entry commits together with its row in `haul.finalize_applied` (one implicit
+/// transaction per entry), and entries recorded there are skipped: a finalize that runs again
+/// after a crash of any role, or twice at once after a coordinator restart, never creates an
+/// index a second time.
+pub async fn apply_post(
+    target: &DbUrl,
+    script: &Script,
+    parallel: usize,
+    job_id: &str,
+    done: &std::collections::HashSet<String>,
+) -> anyhow::Result<u32> {
+    let step = |i: usize| format!("post:{i}");
+    type Numbered<'a> = Vec<(usize, &'a Entry)>;
+    let (wave1, wave2): (Numbered, Numbered) = script
         .entries
         .iter()
-        .partition(|e| Script::is_independent_post(e));
+        .enumerate()
+        .filter(|(i, _)| !done.contains(&step(*i)))
+        .partition(|(_, e)| Script::is_independent_post(e));
+    if wave1.is_empty() && wave2.is_empty() {
+        return Ok(script.entries.len() as u32);
+    }
+    let wave1_len = wave1.len();
     let queue = Arc::new(tokio::sync::Mutex::new(
-        wave1.into_iter().cloned().collect::<Vec<Entry>>(),
+        wave1
+            .into_iter()
+            .map(|(i, e)| (i, e.clone()))
+            .collect::<Vec<(usize, Entry)>>(),
     ));
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..parallel.max(1) {
+    for _ in 0..parallel.max(1).min(wave1_len.max(1)) {
         let queue = queue.clone();
         let target = target.clone();
         let preamble = script.preamble.clone();
+        let job_id = job_id.to_string();
         workers.spawn(async move {
-            let client = target.connect("haul-post-data").await?;
-            client.batch_execute(&preamble).await.map_err(|e| {
-                anyhow::anyhow!(
-                    "prepare post-data session: {}",
-                    haul_core::pg::db_error_line(&e)
-                )
-            })?;
+            let client = post_session(&target, &preamble).await?;
             loop {
                 let next = queue.lock().await.pop();
-                let Some(e) = next else { return anyhow::Ok(()) };
-                client
-                    .batch_execute(&e.sql)
-                    .await
-                    .map_err(|err| entry_error("create", &e, &err))?;
+                let Some((i, e)) = next else {
+                    return anyhow::Ok(());
+                };
+                apply_recorded(&client, &job_id, i, &e).await?;
+                // Test point: part of the first wave is in.
+                haul_core::failpoint::die("die-in-post-data-wave1");
+                haul_core::failpoint::stall("stall-in-post-data-wave1").await;
             }
         });
     }
     while let Some(r) = workers.join_next().await {
         r.context("post-data worker")??;
     }
+    let client = post_session(target, &script.preamble).await?;
+    for (i, e) in wave2 {
+        apply_recorded(&client, job_id, i, e).await?;
+        // Test point: part of the second wave is in.
+        haul_core::failpoint::die("die-in-post-data-wave2");
+        haul_core::failpoint::stall("stall-in-post-data-wave2").await;
+    }
+    Ok(script.entries.len() as u32)
+}
+
+/// One post-data entry and its record, in one implicit transaction (a multi-statement simple
+/// query): both are in, or neither.
+async fn apply_recorded(client: &Client, job_id: &str, i: usize, e: &Entry) -> anyhow::Result<()> {
+    // The newline ends a trailing `--` comment of the entry before the record is appended.
+    let sql = format!(
+        "{}\n;\n{}",
+        e.sql,
+        crate::ledger::mark_step(job_id, &format!("post:{i}"))
+    );
+    client
+        .batch_execute(&sql)
+        .await
+        .map_err(|err| entry_error("create", e, &err))
+}
+
+async fn post_session(target: &DbUrl, preamble: &str) -> anyhow::Result<Client> {
     let client = target.connect("haul-post-data").await?;
-    client.batch_execute(&script.preamble).await.map_err(|e| {
+    client.batch_execute(preamble).await.map_err(|e| {
         anyhow::anyhow!(
             "prepare post-data session: {}",
             haul_core::pg::db_error_line(&e)
         )
     })?;
-    for e in wave2 {
-        client
-            .batch_execute(&e.sql)
-            .await
-            .map_err(|err| entry_error("create", e, &err))?;
-    }
-    Ok(script.entries.len() as u32)
+    Ok(client)
 }
 
 pub async fn set_sequences(client: &Client, seqs: &[pb::SequenceValue]) -> anyhow::Result<()> {
@@ -317,4 +468,50 @@ pub async fn digests(
             digest: d.digest,
         })
         .collect())
+}
+
+/// Count the rows of every table in `tables`, `parallel` at a time (large objects: the
+/// objects), for tables whose contents were compared chunk by chunk.
+pub async fn counts(
+    target: &DbUrl,
+    tables: Vec<TableName>,
+    parallel: usize,
+) -> anyhow::Result<Vec<pb::TableDigest>> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    let queue = Arc::new(tokio::sync::Mutex::new(tables));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..parallel.max(1) {
+        let (queue, target) = (queue.clone(), target.clone());
+        workers.spawn(async move {
+            let client = target.connect("haul-verify").await?;
+            let mut out = Vec::new();
+            loop {
+                let next = queue.lock().await.pop();
+                let Some(t) = next else {
+                    return anyhow::Ok(out);
+                };
+                let sql = if haul_core::large_object::is_large_objects(&t) {
+                    "SELECT count(*)::int8 FROM pg_catalog.pg_largeobject_metadata".to_string()
+                } else {
+                    format!("SELECT count(*)::int8 FROM ONLY {}", t.quoted())
+                };
+                let rows = match client.query_one(&sql, &[]).await {
+                    Ok(r) => r.get::<_, i64>(0),
+                    Err(_) => -1,
+                };
+                out.push(pb::TableDigest {
+                    table: Some(t.to_wire()),
+                    rows,
+                    digest: String::new(),
+                });
+            }
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(r) = workers.join_next().await {
+        all.extend(r.context("count worker")??);
+    }
+    Ok(all)
 }

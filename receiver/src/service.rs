@@ -23,6 +23,8 @@ use crate::partial::{self, Partials};
 use crate::restore::{self, Applied, Restore};
 use crate::spool::{self, Spool};
 use crate::{ledger, pool::Pool, schema, ReceiverConfig};
+use haul_core::chunk_rows as readback;
+use haul_core::row_digest::RowDigest;
 
 /// Restores retried from the spool before the chunk is given up. A target that restarts, or a
 /// coordinator that must be asked about the lease and is restarting, costs waiting, not a
@@ -44,6 +46,23 @@ pub struct Inner {
     pub replica_role: bool,
     /// The coordinator, for fencing: asked whether a lease is current before each commit.
     pub fence: CoordinatorClient<Channel>,
+    /// One finalize (or cleanup) of a job at a time: after a coordinator restart the job's
+    /// finalize task is handed out again while the first run may still be applying post-data.
+    /// The second waits here, then finds every step recorded and does nothing twice.
+    pub finalizing:
+        std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Column shapes for row digests, from the target's catalog.
+    pub shapes: haul_core::row_digest::ShapeCache,
+}
+
+impl Inner {
+    fn job_lock(&self, job_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.finalizing.lock() {
+            Ok(mut m) => m.entry(job_id.to_string()).or_default().clone(),
+            // A poisoned map only loses the serialisation; each step is still idempotent.
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -92,6 +111,17 @@ impl Receiver for ReceiverService {
     ) -> Result<Response<pb::FinalizeReply>, Status> {
         haul_certs::require(&req, &[Role::Sender])?;
         self.finalize_inner(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
+
+    async fn cleanup(
+        &self,
+        req: Request<pb::CleanupRequest>,
+    ) -> Result<Response<pb::CleanupReply>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        self.cleanup_inner(req.into_inner())
             .await
             .map(Response::new)
             .map_err(to_status)
@@ -145,13 +175,36 @@ impl ReceiverService {
 
         let tables: Vec<TableName> = first.tables.iter().map(TableName::from).collect();
         let client = self.inner.config.target.connect("haul-schema").await?;
-        ledger::ensure(&client).await?;
-        // Planned before, by a sender that died after the schema went in: skip ahead.
-        if let Some(objects) = ledger::schema_applied(&client, &first.job_id).await? {
-            tracing::info!(job = %first.job_id, objects, "pre-data was applied before; not again");
-            return Ok(pb::SchemaReply { objects });
+        if ledger::exists(&client).await? {
+            // Tables a ledger of an older haul lacks are added first (no rows are written).
+            ledger::ensure(&client).await?;
+            // Planned before, by a sender that died after the schema went in: skip ahead.
+            if let Some(objects) = ledger::schema_applied(&client, &first.job_id).await? {
+                tracing::info!(job = %first.job_id, objects, "pre-data was applied before; not again");
+                return Ok(pb::SchemaReply { objects });
+            }
+            // Another job's ledger: its rows are not this job's work, and its tables may hold
+            // its rows. Refused before anything is written.
+            if let Some((other, chunks, last)) = ledger::other_job(&client, &first.job_id).await? {
+                return Err(haul_core::status::fatal(format!(
+                    "target holds the ledger of another haul job, {other} ({chunks} chunks applied, last {last}); \
+                     if that job is over, empty the target (its tables and DROP SCHEMA haul CASCADE), \
+                     or continue it with the coordinator that started it (haul status --job {other})"
+                )));
+            }
         }
+        // Everything the target must be or offer, checked before anything is written to it.
         schema::preflight(&client, &tables, first.create_schema).await?;
+        if first.large_objects {
+            schema::preflight_large_objects(&client).await?;
+        }
+        let mut create_roles = Vec::new();
+        if first.create_schema {
+            schema::preflight_extensions(&client, &first.extensions).await?;
+            create_roles =
+                schema::preflight_roles(&client, &first.roles, first.create_roles).await?;
+        }
+        ledger::ensure(&client).await?;
         if !first.create_schema {
             return Ok(pb::SchemaReply { objects: 0 });
         }
@@ -161,7 +214,7 @@ impl ReceiverService {
         let script = Script::parse(&text);
         // Test point: the pre-data script has arrived and is about to be applied.
         haul_core::failpoint::die("die-before-pre-data");
-        let objects = schema::apply_pre(&client, &script, &first.job_id).await?;
+        let objects = schema::apply_pre(&client, &script, &first.job_id, &create_roles).await?;
         tracing::info!(job = %first.job_id, objects, "applied pre-data");
         Ok(pb::SchemaReply { objects })
     }
@@ -302,7 +355,7 @@ impl ReceiverService {
                 &stop,
             )
             .await;
-        let (raw_bytes, digest) = match received {
+        let (raw_bytes, digest, source_rows) = match received {
             Ok(v) => v,
             Err(e) => {
                 // Complete frames stay for the next stream, unless space must be freed or the
@@ -378,13 +431,14 @@ impl ReceiverService {
         self.inner.spool.remove(&path).await;
         partials.forget(job_id, chunk_id);
         drop(claim);
-        Ok(match applied {
+        let mut receipt = match applied {
             Applied::Now { rows } => pb::ChunkReceipt {
                 rows,
                 already_applied: false,
                 snapshot_id: header.snapshot_id.clone(),
                 resumed_bytes: header.resume_from,
                 resent_bytes: record.resent,
+                ..Default::default()
             },
             Applied::Before { rows, snapshot_id } => pb::ChunkReceipt {
                 rows,
@@ -392,8 +446,68 @@ impl ReceiverService {
                 snapshot_id,
                 resumed_bytes: header.resume_from,
                 resent_bytes: record.resent,
+                ..Default::default()
             },
-        })
+        };
+        // Verify along the way: the rows as the target now holds them, against the sender's.
+        let range = haul_core::chunk::Range::from_wire(header.range.as_ref())?;
+        if !receipt.already_applied
+            && !haul_core::large_object::is_large_objects(&table)
+            && haul_core::failpoint::fire("alter-after-commit")
+        {
+            // Test point: something else on the target changes a committed chunk (a trigger, a
+            // user): one of its rows disappears before verification reads it back.
+            let pred = range
+                .predicate()
+                .map(|p| format!(" WHERE {p}"))
+                .unwrap_or_default();
+            let client = self.inner.pool.get().await?;
+            client
+                .batch_execute(&format!(
+                    "DELETE FROM ONLY {t} WHERE ctid = (SELECT ctid FROM ONLY {t}{pred} LIMIT 1)",
+                    t = table.quoted()
+                ))
+                .await
+                .context("failpoint alter-after-commit")?;
+        }
+        if let (true, Some(source)) = (
+            header.verify && readback::can_read_back(&range),
+            source_rows,
+        ) {
+            let meta = haul_core::large_object::Metadata {
+                owner: header.large_object_owner,
+                privileges: header.large_object_privileges,
+            };
+            match self.read_back(&table, &columns, &range, meta).await {
+                Ok(target) => {
+                    receipt.checked = true;
+                    receipt.mismatch =
+                        readback::mismatch(&table, chunk_id, &range, &source, &target)
+                            .unwrap_or_default();
+                    if !receipt.mismatch.is_empty() {
+                        tracing::error!(job = job_id, chunk = chunk_id, "verification found a difference: {}", receipt.mismatch);
+                    }
+                }
+                // The chunk is applied; a read-back that fails leaves it to the final check.
+                Err(e) => tracing::warn!(job = job_id, chunk = chunk_id, "failed to read chunk back for verification (the final check covers its table): {e:#}"),
+            }
+        }
+        Ok(receipt)
+    }
+
+    async fn read_back(
+        &self,
+        table: &TableName,
+        columns: &[Column],
+        range: &haul_core::chunk::Range,
+        meta: haul_core::large_object::Metadata,
+    ) -> anyhow::Result<RowDigest> {
+        let client = self.inner.pool.get().await?;
+        let out = readback::digest(&client, &self.inner.shapes, table, columns, range, meta).await;
+        if out.is_err() {
+            client.discard();
+        }
+        out
     }
 
     /// Spool the blocks after `offset` and check the trailer's digest over the whole chunk.
@@ -410,7 +524,7 @@ impl ReceiverService {
         offset: u64,
         (job_id, chunk_id, record): (&str, u64, &mut partial::Record),
         stop: &CancellationToken,
-    ) -> anyhow::Result<(u64, Vec<u8>)> {
+    ) -> anyhow::Result<(u64, Vec<u8>, Option<RowDigest>)> {
         let (mut raw_bytes, mut blocks) = (offset, 0u64);
         loop {
             let frame = tokio::select! {
@@ -472,7 +586,10 @@ impl ReceiverService {
                             t.raw_bytes, t.blocks
                         ))));
                     }
-                    return Ok((raw_bytes, t.digest));
+                    let rows = (t.row_digest.len() == 32)
+                        .then(|| RowDigest::from_bytes(t.rows, &t.row_digest).ok())
+                        .flatten();
+                    return Ok((raw_bytes, t.digest, rows));
                 }
                 _ => anyhow::bail!("unexpected frame in chunk stream"),
             }
@@ -480,27 +597,75 @@ impl ReceiverService {
     }
 
     async fn finalize_inner(&self, req: pb::FinalizeRequest) -> anyhow::Result<pb::FinalizeReply> {
+        let lock = self.inner.job_lock(&req.job_id);
+        let _one_at_a_time = lock.lock().await;
         let target = &self.inner.config.target;
-        let post_path = self.inner.spool.schema_path(&req.job_id, "post");
-        let mut post_objects = 0;
-        if let Ok(text) = tokio::fs::read_to_string(&post_path).await {
-            let script = Script::parse(&text);
-            post_objects =
-                schema::apply_post(target, &script, req.parallel.max(1) as usize).await?;
-            tracing::info!(job = %req.job_id, post_objects, "applied post-data");
-        }
+        let job = req.job_id.as_str();
         let client = target.connect("haul-finalize").await?;
+        let done = ledger::steps_applied(&client, job).await?;
+        let post_path = self.inner.spool.schema_path(job, "post");
+        let post_objects = match tokio::fs::read_to_string(&post_path).await {
+            Ok(text) => {
+                let script = Script::parse(&text);
+                let n =
+                    schema::apply_post(target, &script, req.parallel.max(1) as usize, job, &done)
+                        .await?;
+                tracing::info!(job, post_objects = n, "post-data in");
+                n
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // No post-data was stored (--no-schema), or it was and a cleanup removed it.
+                done.iter().filter(|s| s.starts_with("post:")).count() as u32
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "read the post-data script {} from the spool",
+                    post_path.display()
+                )))
+            }
+        };
+        haul_core::failpoint::die("die-before-sequences");
+        haul_core::failpoint::stall("stall-before-sequences").await;
+        // setval is idempotent: the same values set twice are the same values.
         schema::set_sequences(&client, &req.sequences).await?;
-        let views: Vec<TableName> = req.matviews.iter().map(TableName::from).collect();
-        schema::refresh_matviews(&client, &views).await?;
+        haul_core::failpoint::die("die-before-matviews");
+        haul_core::failpoint::stall("stall-before-matviews").await;
+        if !done.contains("matviews") {
+            let views: Vec<TableName> = req.matviews.iter().map(TableName::from).collect();
+            schema::refresh_matviews(&client, &views).await?;
+            ledger::record_step(&client, job, "matviews").await?;
+        }
+        haul_core::failpoint::die("die-before-digests");
+        haul_core::failpoint::stall("stall-before-digests").await;
         let tables: Vec<TableName> = req.verify_tables.iter().map(TableName::from).collect();
-        let digests = schema::digests(target, tables, req.parallel.max(1) as usize).await?;
-        self.inner.spool.remove_job(&req.job_id).await;
-        self.inner.partials.forget_job(&req.job_id);
+        let mut digests = schema::digests(target, tables, req.parallel.max(1) as usize).await?;
+        let counted: Vec<TableName> = req.count_tables.iter().map(TableName::from).collect();
+        digests.extend(schema::counts(target, counted, req.parallel.max(1) as usize).await?);
+        haul_core::failpoint::die("die-after-digests");
+        haul_core::failpoint::stall("stall-after-digests").await;
+        // The spool (post-data script included) stays until cleanup: a finalize run again
+        // before the job is done still finds what it needs.
         Ok(pb::FinalizeReply {
             post_data_objects: post_objects,
             digests,
         })
+    }
+
+    async fn cleanup_inner(&self, req: pb::CleanupRequest) -> anyhow::Result<pb::CleanupReply> {
+        let lock = self.inner.job_lock(&req.job_id);
+        let _one_at_a_time = lock.lock().await;
+        haul_core::failpoint::die("die-in-cleanup");
+        haul_core::failpoint::stall("stall-in-cleanup").await;
+        let schema_dropped = if req.keep_ledger {
+            false
+        } else {
+            let client = self.inner.config.target.connect("haul-cleanup").await?;
+            ledger::drop_job(&client, &req.job_id).await?
+        };
+        self.inner.spool.remove_job(&req.job_id).await;
+        self.inner.partials.forget_job(&req.job_id);
+        tracing::info!(job = %req.job_id, schema_dropped, "cleaned up");
+        Ok(pb::CleanupReply { schema_dropped })
     }
 }
 

@@ -70,7 +70,7 @@ pub async fn measure_tables(
     let cols = client
         .query(
             &format!(
-                "SELECT c.oid::int8, a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                "SELECT c.oid::int8, a.attname::text, format_type(a.atttypid, a.atttypmod), a.atttypid::int8 \
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE c.relkind = 'r' AND c.relpersistence <> 't' AND {SKIP_SCHEMAS} \
                    AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
@@ -85,6 +85,7 @@ pub async fn measure_tables(
             tables[i].columns.push(Column {
                 name: r.get(1),
                 type_name: r.get(2),
+                type_oid: r.get::<_, i64>(3) as u32,
             });
         }
     }
@@ -115,6 +116,61 @@ pub async fn measure_tables(
         }
     }
     Ok(tables)
+}
+
+/// The source's large objects as one pseudo table (`core::large_object`), if it has any:
+/// their size from `pg_largeobject`'s, split on the objects' oids into ranges of about equal
+/// count when they are bigger than a chunk.
+pub async fn measure_large_objects(
+    client: &Client,
+    chunk_bytes: u64,
+) -> anyhow::Result<Option<TableMeasure>> {
+    use haul_core::large_object as lo;
+    let row = client
+        .query_one(
+            "SELECT count(*)::int8, pg_total_relation_size('pg_catalog.pg_largeobject')::int8 \
+             FROM pg_catalog.pg_largeobject_metadata",
+            &[],
+        )
+        .await
+        .context("count source large objects")?;
+    let (count, bytes): (i64, i64) = (row.get(0), row.get(1));
+    if count == 0 {
+        return Ok(None);
+    }
+    let mut t = TableMeasure {
+        table: lo::table(),
+        columns: lo::COLUMNS
+            .iter()
+            .map(|(n, ty)| Column {
+                name: n.to_string(),
+                type_name: ty.to_string(),
+                // Built-in scalars: their shape needs no catalog.
+                type_oid: 0,
+            })
+            .collect(),
+        bytes: bytes.max(0) as u64,
+        est_rows: count,
+        split_key: Some(lo::KEY.to_string()),
+        key_cuts: Vec::new(),
+        pages: 0,
+    };
+    let n = pieces(t.bytes, chunk_bytes);
+    if n > 1 {
+        let row = client
+            .query_one(
+                "SELECT percentile_disc($1::float8[]) WITHIN GROUP (ORDER BY oid::int8) \
+                 FROM pg_catalog.pg_largeobject_metadata",
+                &[&quantiles(n)],
+            )
+            .await
+            .context("split source large objects")?;
+        let cuts: Option<Vec<Option<i64>>> = row.get(0);
+        t.key_cuts = cuts.unwrap_or_default().into_iter().flatten().collect();
+        t.key_cuts.sort_unstable();
+        t.key_cuts.dedup();
+    }
+    Ok(Some(t))
 }
 
 /// Cut points that split `t` into `n` ranges of about equal row count, from a sample of the
@@ -269,4 +325,109 @@ pub async fn populated_matviews(client: &Client) -> anyhow::Result<Vec<TableName
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect())
+}
+
+/// The roles the moved objects need on the target: owners (when owners are carried),
+/// grantees (when privileges are), and roles named by row-security policies (always: a policy
+/// cannot be created without them). Each comes with the `CREATE ROLE` that makes it as the
+/// source has it, with its password hash only when `passwords` (which needs a superuser).
+pub async fn needed_roles(
+    client: &Client,
+    owners: bool,
+    privileges: bool,
+    passwords: bool,
+) -> anyhow::Result<Vec<haul_proto::RoleDef>> {
+    // pg_shdepend records every dependency of this database's objects on a role, except on
+    // the bootstrap superuser (oid 10), whose ownership is implicit: that one is added when it
+    // owns something pg_dump will name.
+    let rows = client
+        .query(
+            &format!(
+                "WITH needed AS ( \
+                   SELECT d.refobjid AS oid FROM pg_shdepend d \
+                   WHERE d.dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                     AND d.refclassid = 'pg_authid'::regclass \
+                     AND (d.deptype = 'r' OR (d.deptype = 'o' AND $1) OR (d.deptype = 'a' AND $2)) \
+                   UNION \
+                   SELECT 10::oid WHERE $1 AND ( \
+                     EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                             WHERE c.relowner = 10 AND {SKIP_SCHEMAS}) \
+                     OR EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspowner = 10 AND {SKIP_SCHEMAS} AND n.nspname <> 'public') \
+                     OR EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+                                WHERE p.proowner = 10 AND {SKIP_SCHEMAS}) \
+                     OR EXISTS (SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace \
+                                WHERE t.typowner = 10 AND {SKIP_SCHEMAS}))) \
+                 SELECT r.rolname::text, r.rolsuper, r.rolinherit, r.rolcreaterole, r.rolcreatedb, \
+                        r.rolcanlogin, r.rolreplication, r.rolbypassrls, r.rolconnlimit, \
+                        to_char(r.rolvaliduntil AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS+00') \
+                 FROM pg_roles r JOIN needed USING (oid) \
+                 WHERE r.rolname !~ '^pg_' ORDER BY 1"
+            ),
+            &[&owners, &privileges],
+        )
+        .await
+        .context("list the roles the source's objects need")?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let name: String = r.get(0);
+        let flag = |i: usize, yes: &str, no: &str| -> String {
+            if r.get::<_, bool>(i) { yes } else { no }.to_string()
+        };
+        let mut sql = format!(
+            "CREATE ROLE {} WITH {} {} {} {} {} {} {} CONNECTION LIMIT {}",
+            haul_core::ident::quote_ident(&name),
+            flag(1, "SUPERUSER", "NOSUPERUSER"),
+            flag(2, "INHERIT", "NOINHERIT"),
+            flag(3, "CREATEROLE", "NOCREATEROLE"),
+            flag(4, "CREATEDB", "NOCREATEDB"),
+            flag(5, "LOGIN", "NOLOGIN"),
+            flag(6, "REPLICATION", "NOREPLICATION"),
+            flag(7, "BYPASSRLS", "NOBYPASSRLS"),
+            r.get::<_, i32>(8)
+        );
+        if let Some(until) = r.get::<_, Option<String>>(9) {
+            sql.push_str(&format!(
+                " VALID UNTIL {}",
+                haul_core::ident::quote_literal(&until)
+            ));
+        }
+        if passwords {
+            let hash = client
+                .query_opt(
+                    "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(|e| {
+                    fatal(format!(
+                        "--role-passwords needs the source user to read pg_authid (a superuser): {}",
+                        haul_core::pg::db_error_line(&e)
+                    ))
+                })?
+                .and_then(|row| row.get::<_, Option<String>>(0));
+            if let Some(hash) = hash {
+                sql.push_str(&format!(
+                    " PASSWORD {}",
+                    haul_core::ident::quote_literal(&hash)
+                ));
+            }
+        }
+        out.push(haul_proto::RoleDef {
+            name,
+            create_sql: sql,
+        });
+    }
+    Ok(out)
+}
+
+/// The extensions the source database uses (plpgsql, which every server has, aside).
+pub async fn extensions(client: &Client) -> anyhow::Result<Vec<String>> {
+    let rows = client
+        .query(
+            "SELECT extname::text FROM pg_extension WHERE extname <> 'plpgsql' ORDER BY 1",
+            &[],
+        )
+        .await
+        .context("list source extensions")?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

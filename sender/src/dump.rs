@@ -26,7 +26,21 @@ pub struct SchemaUpload<'a> {
     pub receiver_addr: &'a str,
     /// Tables the job fills: the receiver checks them before anything is created.
     pub tables: Vec<pb::TableRef>,
+    /// The job moves large objects (the receiver checks the target has none).
+    pub large_objects: bool,
     pub create_schema: bool,
+    /// Carry owners and privileges (pg_dump's default), or leave them out.
+    pub owners: bool,
+    pub privileges: bool,
+    /// The roles the moved objects need, and whether the receiver may create missing ones.
+    pub roles: Vec<pb::RoleDef>,
+    pub create_roles: bool,
+    /// The extensions the source uses.
+    pub extensions: Vec<String>,
+    /// The source's `server_version_num`: pg_dump must be of its major version or newer.
+    pub source_version: i32,
+    /// `--pg-dump`: this pg_dump and no other.
+    pub pg_dump: Option<std::path::PathBuf>,
     /// `-t` patterns when only some tables move; empty means the whole database.
     pub only: Vec<String>,
 }
@@ -46,6 +60,18 @@ pub async fn send_section(
         section: section as i32,
         tables: if section == pb::SchemaSection::SectionPre {
             up.tables.clone()
+        } else {
+            vec![]
+        },
+        large_objects: up.large_objects && section == pb::SchemaSection::SectionPre,
+        roles: if section == pb::SchemaSection::SectionPre {
+            up.roles.clone()
+        } else {
+            vec![]
+        },
+        create_roles: up.create_roles,
+        extensions: if section == pb::SchemaSection::SectionPre {
+            up.extensions.clone()
         } else {
             vec![]
         },
@@ -89,25 +115,27 @@ async fn produce(
     first: pb::SchemaPart,
     tx: &tokio::sync::mpsc::Sender<pb::SchemaPart>,
 ) -> anyhow::Result<()> {
-    let pg_dump = haul_core::pg::find_tool("pg_dump")?;
+    let pg_dump = haul_core::pg::pg_dump_for(up.source_version, up.pg_dump.as_deref())?;
     let mut cmd = Command::new(&pg_dump);
     cmd.arg("--schema-only")
         .arg(match section {
             pb::SchemaSection::SectionPre => "--section=pre-data",
             pb::SchemaSection::SectionPost => "--section=post-data",
         })
-        .args([
-            "--no-owner",
-            "--no-privileges",
-            "--no-subscriptions",
-            "--exclude-schema=haul",
-        ])
+        // Large objects move as chunks (`core::large_object`), never in the schema script.
+        .args(["--no-subscriptions", "--no-blobs", "--exclude-schema=haul"])
         .arg(format!("--snapshot={}", up.snapshot_id))
         .arg(format!("--dbname={}", up.source.raw()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    if !up.owners {
+        cmd.arg("--no-owner");
+    }
+    if !up.privileges {
+        cmd.arg("--no-privileges");
+    }
     for t in &up.only {
         cmd.arg(format!("--table={t}"));
     }

@@ -13,9 +13,28 @@ use haul_proto as pb;
 
 use crate::catalog;
 use crate::snapshot::SnapshotReader;
-use crate::worker::Shared;
+use crate::worker::{try_deliver, Shared};
 
 pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result<()> {
+    let job_id = task.job_id.clone();
+    let slot = shared
+        .finalized
+        .lock()
+        .await
+        .entry(job_id.clone())
+        .or_default()
+        .clone();
+    let mut reported = slot.lock().await;
+    if *reported {
+        tracing::info!(job = %job_id, "finalize task again, after this sender reported it; nothing to do");
+        return Ok(());
+    }
+    run_once(shared, task).await?;
+    *reported = true;
+    Ok(())
+}
+
+async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result<()> {
     let options = task.options.clone().unwrap_or_default();
     let job_id = task.job_id.clone();
     let holder = shared
@@ -26,18 +45,30 @@ pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result
 
     let sequences = catalog::sequences(client).await?;
     let matviews = catalog::populated_matviews(client).await?;
-    let tables = catalog::measure_tables(client, &options.tables, 0).await?;
+    let mut tables = catalog::measure_tables(client, &options.tables, 0).await?;
+    // Large objects are verified as one more "table": their count and contents.
+    if options.tables.is_empty() {
+        tables.extend(catalog::measure_large_objects(client, 0).await?);
+    }
+
+    // Tables whose every chunk was compared along the way need only their counts checked;
+    // the rest (chunks cut by pages, chunks found applied after a restart) are compared whole.
+    let whole: std::collections::HashSet<TableName> =
+        task.full_verify.iter().map(TableName::from).collect();
+    let (full, counted): (Vec<_>, Vec<_>) = tables
+        .iter()
+        .map(|t| t.table.clone())
+        .partition(|t| whole.contains(t));
 
     // The source side, in parallel on readers of the job's snapshot.
-    let source = if options.verify {
+    let source = if options.verify && !full.is_empty() {
         let (src, job, snap) = (
             shared.config.source.clone(),
             job_id.clone(),
             holder.snapshot_id.clone(),
         );
-        let names: Vec<TableName> = tables.iter().map(|t| t.table.clone()).collect();
         digest_all(
-            names,
+            full.clone(),
             options.jobs.max(1) as usize,
             "ROLLBACK TO SAVEPOINT haul_chunk",
             move || {
@@ -50,6 +81,8 @@ pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result
         Vec::new()
     };
 
+    // Test point: the source side is read, the receiver not yet asked.
+    haul_core::failpoint::die("die-before-receiver-finalize");
     let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
     let reply = receiver
         .finalize(pb::FinalizeRequest {
@@ -57,7 +90,12 @@ pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result
             sequences: sequences.clone(),
             matviews: matviews.iter().map(TableName::to_wire).collect(),
             verify_tables: if options.verify {
-                tables.iter().map(|t| t.table.to_wire()).collect()
+                full.iter().map(TableName::to_wire).collect()
+            } else {
+                vec![]
+            },
+            count_tables: if options.verify {
+                counted.iter().map(TableName::to_wire).collect()
             } else {
                 vec![]
             },
@@ -83,19 +121,64 @@ pub async fn run(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Result
             target_digest: target.map(|d| d.digest.clone()).unwrap_or_default(),
         });
     }
-    shared
-        .peers
-        .coordinator()
-        .report_final(pb::FinalReport {
-            job_id: job_id.clone(),
-            verified: options.verify,
-            checks,
-            sequences: sequences.len() as u32,
-            post_data_objects: reply.post_data_objects,
-        })
-        .await
-        .map_err(|s| from_status(s, "coordinator refused the final report"))?;
+    // Counted only: the coordinator knows the source's rows (what the chunks carried).
+    if options.verify {
+        for t in &counted {
+            let target = targets.get(t);
+            checks.push(pb::TableCheck {
+                table: Some(t.to_wire()),
+                source_rows: -1,
+                source_digest: String::new(),
+                target_rows: target.map_or(-1, |d| d.rows),
+                target_digest: String::new(),
+            });
+        }
+    }
+    let report = pb::FinalReport {
+        job_id: job_id.clone(),
+        verified: options.verify,
+        checks,
+        sequences: sequences.len() as u32,
+        post_data_objects: reply.post_data_objects,
+    };
+    // Test point: the target is finalized, the coordinator not yet told.
+    haul_core::failpoint::die("die-before-final-report");
+    try_deliver(|| {
+        let mut c = shared.peers.coordinator();
+        let report = report.clone();
+        async move { c.report_final(report).await.map(|_| ()) }
+    })
+    .await
+    .map_err(|s| from_status(s, "coordinator refused the final report"))?;
     shared.release_snapshot(&job_id).await;
     tracing::info!(job = %job_id, "finalized");
+    Ok(())
+}
+
+/// The cleanup task: ask the receiver to remove the job's ledger (unless kept) and spool, then
+/// tell the coordinator the job is done. Both calls are idempotent.
+pub async fn cleanup(shared: &Arc<Shared>, task: pb::CleanupTask) -> anyhow::Result<()> {
+    let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
+    let reply = receiver
+        .cleanup(pb::CleanupRequest {
+            job_id: task.job_id.clone(),
+            keep_ledger: task.keep_ledger,
+        })
+        .await
+        .map_err(|s| from_status(s, "receiver could not clean up"))?
+        .into_inner();
+    // Test point: the target is clean, the coordinator not yet told.
+    haul_core::failpoint::die("die-before-cleanup-report");
+    let report = pb::CleanupReport {
+        job_id: task.job_id.clone(),
+    };
+    try_deliver(|| {
+        let mut c = shared.peers.coordinator();
+        let report = report.clone();
+        async move { c.report_cleanup(report).await.map(|_| ()) }
+    })
+    .await
+    .map_err(|s| from_status(s, "coordinator refused the cleanup report"))?;
+    tracing::info!(job = %task.job_id, schema_dropped = reply.schema_dropped, "cleaned up");
     Ok(())
 }

@@ -10,7 +10,7 @@
 //!
 //! Invariant: every byte read for a job is read under the job's one exported snapshot.
 
-mod catalog;
+pub mod catalog;
 mod dump;
 mod finalize;
 mod peers;
@@ -43,6 +43,8 @@ pub struct SenderConfig {
     pub slots: usize,
     /// Disk the staging area may use (under the state directory); 0 = never stage.
     pub staging_bytes: u64,
+    /// `--pg-dump`: the pg_dump to use; otherwise the newest installed that can dump the source.
+    pub pg_dump: Option<PathBuf>,
 }
 
 /// Run until `shutdown` is cancelled. Returns after every worker has stopped.

@@ -22,9 +22,37 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     if options.create_schema {
         catalog::check_lock_capacity(&holder.client).await?;
     }
-    let tables =
+    let mut tables =
         catalog::measure_tables(&holder.client, &options.tables, options.chunk_bytes).await?;
+    // Large objects belong to the database, not to a table: they move with a whole-database
+    // job, as pg_dump carries them only then.
+    let large_objects = if options.tables.is_empty() {
+        catalog::measure_large_objects(&holder.client, options.chunk_bytes).await?
+    } else {
+        None
+    };
 
+    // What the target must offer before the schema can go in: roles and extensions.
+    let (roles, extensions) = if options.create_schema {
+        (
+            catalog::needed_roles(
+                &holder.client,
+                !options.no_owner,
+                !options.no_privileges,
+                options.role_passwords,
+            )
+            .await?,
+            catalog::extensions(&holder.client).await?,
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let source_version: i32 = holder
+        .client
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .context("read source server version")?
+        .get(0);
     let only: Vec<String> = if options.tables.is_empty() {
         vec![]
     } else {
@@ -39,7 +67,15 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
         snapshot_id: &snapshot_id,
         receiver_addr: &task.receiver_addr,
         tables: tables.iter().map(|t| t.table.to_wire()).collect(),
+        large_objects: large_objects.is_some(),
         create_schema: options.create_schema,
+        owners: !options.no_owner,
+        privileges: !options.no_privileges,
+        roles,
+        create_roles: options.create_roles,
+        extensions,
+        source_version,
+        pg_dump: shared.config.pg_dump.clone(),
         only,
     };
     // Post-data is only stored by the receiver, so it is dumped while pre-data is applied.
@@ -53,6 +89,7 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     };
     let (objects, _) = tokio::try_join!(pre, post)?;
     tracing::info!(job = %job_id, objects, "pre-data on target");
+    tables.extend(large_objects);
 
     let report = pb::PlanReport {
         job_id: job_id.clone(),

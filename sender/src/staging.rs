@@ -41,6 +41,11 @@ pub struct Staged {
     pub raw_bytes: u64,
     pub frames: u64,
     pub digest: Vec<u8>,
+    /// The rows' digest (`core::row_digest`) and count, when the job verifies.
+    #[serde(default)]
+    pub row_digest: Vec<u8>,
+    #[serde(default)]
+    pub rows: u64,
 }
 
 pub struct Staging {
@@ -240,6 +245,8 @@ mod tests {
                 raw_bytes: 10,
                 frames: 1,
                 digest: vec![1; 32],
+                row_digest: vec![2; 32],
+                rows: 3,
             };
             s.finish("j", 1, &staged).await?;
             drop(s.create("j", 2).await?); // never finished: a crash mid-stage

@@ -17,6 +17,7 @@ use haul_core::chunk::{table_from_wire, Column, Range};
 use haul_core::codec::Codec;
 use haul_core::frames::FrameReader;
 use haul_core::ident::quote_ident;
+use haul_core::row_digest::{CopyDigest, RowDigest, Shape};
 use haul_core::status::{fatal, from_status};
 use haul_proto as pb;
 use tokio::io::AsyncWriteExt;
@@ -44,6 +45,9 @@ pub struct Outcome {
     pub resumed_bytes: u64,
     /// Raw bytes of this chunk the receiver was sent more than once, over all its streams.
     pub resent_bytes: u64,
+    /// The receiver read the rows back after commit and compared their digest with ours.
+    pub checked: bool,
+    pub mismatch: String,
 }
 
 /// The part of a chunk the receiver already holds: its first `bytes` raw bytes, whose blake3
@@ -123,6 +127,8 @@ pub async fn run(
                 snapshot_id: begin.snapshot_id,
                 resumed_bytes: 0,
                 resent_bytes: 0,
+                checked: false,
+                mismatch: String::new(),
             });
         }
         // Bytes of two snapshots are never joined in one chunk: only a prefix read under the
@@ -162,9 +168,22 @@ pub async fn run(
         snapshot_id: snapshot_id.clone(),
         resume_from: 0,
         prefix_digest: Vec::new(),
+        range: lease.range.clone(),
+        verify: options.verify,
+        large_object_owner: !options.no_owner,
+        large_object_privileges: !options.no_privileges,
     };
     let started = Instant::now();
     let client = reader.as_ref().map(|r| &r.client);
+    // Where each column's binary form holds type OIDs, for the row digest (verify along the
+    // way). A staged chunk brings its digest from when it was read.
+    let shapes = match (options.verify, client) {
+        (true, Some(c)) => {
+            let oids: Vec<u32> = columns.iter().map(|c| c.type_oid).collect();
+            Some(shared.shapes.for_types(c, &oids).await?)
+        }
+        _ => None,
+    };
     let read = Read {
         shared,
         limiter,
@@ -174,6 +193,11 @@ pub async fn run(
         range: &range,
         codec,
         tx: &tx,
+        large_object_meta: haul_core::large_object::Metadata {
+            owner: !lease.options.as_ref().is_some_and(|o| o.no_owner),
+            privileges: !lease.options.as_ref().is_some_and(|o| o.no_privileges),
+        },
+        shapes: shapes.as_deref(),
     };
     let mut resumed_bytes = resume.as_ref().map_or(0, |p| p.bytes);
     let streamed = async {
@@ -183,9 +207,12 @@ pub async fn run(
             async move {
                 match staged {
                     Some(st) => {
+                        let rows = (st.row_digest.len() == 32)
+                            .then(|| RowDigest::from_bytes(st.rows, &st.row_digest).ok())
+                            .flatten();
                         let (_done, progress) = tokio::sync::watch::channel(Progress {
                             frames: st.frames,
-                            done: Some((st.raw_bytes, st.digest)),
+                            done: Some((st.raw_bytes, st.digest, rows)),
                             failed: false,
                         });
                         let path = shared.staging.path(job_id, chunk_id);
@@ -237,7 +264,7 @@ pub async fn run(
         copied
     }
     .await;
-    let (raw_bytes, wire_bytes, blocks, digest) = match streamed {
+    let (raw_bytes, wire_bytes, blocks, digest, rows) = match streamed {
         Ok(v) => v,
         Err(e) => {
             drop(tx);
@@ -261,6 +288,8 @@ pub async fn run(
         raw_bytes,
         blocks,
         digest: digest.clone(),
+        row_digest: rows.map(|r| r.to_bytes()).unwrap_or_default(),
+        rows: rows.map_or(0, |r| r.rows),
     })))
     .await
     .ok();
@@ -289,6 +318,8 @@ pub async fn run(
         snapshot_id: receipt.snapshot_id,
         resumed_bytes: receipt.resumed_bytes.max(resumed_bytes),
         resent_bytes: receipt.resent_bytes,
+        checked: receipt.checked,
+        mismatch: receipt.mismatch,
     })
 }
 
@@ -298,7 +329,7 @@ pub async fn run(
 #[derive(Clone, Default)]
 struct Progress {
     frames: u64,
-    done: Option<(u64, Vec<u8>)>,
+    done: Option<(u64, Vec<u8>, Option<RowDigest>)>,
     failed: bool,
 }
 
@@ -328,7 +359,15 @@ struct Read<'a> {
     range: &'a Range,
     codec: Codec,
     tx: &'a tokio::sync::mpsc::Sender<pb::ChunkFrame>,
+    /// For a large-object chunk: which metadata its objects carry.
+    large_object_meta: haul_core::large_object::Metadata,
+    /// The columns' shapes when the job verifies: the rows are digested as they are read.
+    shapes: Option<&'a [Shape]>,
 }
+
+/// What one read of a chunk produced: raw bytes (the whole chunk), wire bytes and blocks (this
+/// stream or stage), the blake3 of the raw bytes, and the rows' digest when asked for.
+type Streamed = (u64, u64, u64, Vec<u8>, Option<RowDigest>);
 
 impl Read<'_> {
     /// Read the chunk from the source straight onto the wire.
@@ -336,9 +375,8 @@ impl Read<'_> {
         &self,
         header: pb::ChunkHeader,
         resume: Option<&Prefix>,
-    ) -> anyhow::Result<(u64, u64, u64, Vec<u8>)> {
-        let (raw, wire, blocks, digest) = self.source(Out::Wire { header, resume }).await?;
-        Ok((raw, wire, blocks, digest.as_bytes().to_vec()))
+    ) -> anyhow::Result<Streamed> {
+        self.source(Out::Wire { header, resume }).await
     }
 
     /// Read the chunk from the source into its staging file, then record it as complete.
@@ -354,7 +392,7 @@ impl Read<'_> {
         let path = staging.path(job_id, chunk_id);
         let result = async {
             let file = tokio::io::BufWriter::with_capacity(256 * 1024, file);
-            let (raw_bytes, _, frames, digest) = self
+            let (raw_bytes, _, frames, digest, rows) = self
                 .source(Out::Stage {
                     file,
                     path: &path,
@@ -368,10 +406,12 @@ impl Read<'_> {
                 zstd_level,
                 raw_bytes,
                 frames,
-                digest: digest.as_bytes().to_vec(),
+                digest,
+                row_digest: rows.map(|r| r.to_bytes()).unwrap_or_default(),
+                rows: rows.map_or(0, |r| r.rows),
             };
             staging.finish(job_id, chunk_id, &staged).await?;
-            anyhow::Ok((raw_bytes, staged.digest))
+            anyhow::Ok((raw_bytes, staged.digest, rows))
         }
         .await;
         match result {
@@ -387,7 +427,7 @@ impl Read<'_> {
     }
 
     /// COPY the chunk out inside the reader's savepoint, released afterwards whatever happened.
-    async fn source(&self, out: Out<'_>) -> anyhow::Result<(u64, u64, u64, blake3::Hash)> {
+    async fn source(&self, out: Out<'_>) -> anyhow::Result<Streamed> {
         let client = self.client.context("no source reader for the chunk")?;
         client
             .batch_execute("SAVEPOINT haul_chunk")
@@ -411,22 +451,29 @@ impl Read<'_> {
         &self,
         client: &tokio_postgres::Client,
         mut out: Out<'_>,
-    ) -> anyhow::Result<(u64, u64, u64, blake3::Hash)> {
+    ) -> anyhow::Result<Streamed> {
         let table = self.table;
         let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let select = format!(
-            "SELECT {} FROM ONLY {}{}",
-            if cols.is_empty() {
-                String::new()
-            } else {
-                cols.join(", ")
-            },
-            table.quoted(),
-            self.range
-                .predicate()
-                .map(|p| format!(" WHERE {p}"))
-                .unwrap_or_default()
-        );
+        let select = if haul_core::large_object::is_large_objects(table) {
+            haul_core::large_object::source_select(
+                self.range.predicate().as_deref(),
+                self.large_object_meta,
+            )
+        } else {
+            format!(
+                "SELECT {} FROM ONLY {}{}",
+                if cols.is_empty() {
+                    String::new()
+                } else {
+                    cols.join(", ")
+                },
+                table.quoted(),
+                self.range
+                    .predicate()
+                    .map(|p| format!(" WHERE {p}"))
+                    .unwrap_or_default()
+            )
+        };
         let sql = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
         let stream = client.copy_out(&sql).await.map_err(|e| {
             let line = format!(
@@ -442,6 +489,7 @@ impl Read<'_> {
         futures::pin_mut!(stream);
 
         let mut hasher = blake3::Hasher::new();
+        let mut rows = self.shapes.map(|s| CopyDigest::new(s.to_vec()));
         let mut block = BytesMut::with_capacity(haul_core::BLOCK_BYTES);
         let mut skip = match &out {
             Out::Wire {
@@ -467,7 +515,11 @@ impl Read<'_> {
                 })?;
                 if skip > 0 {
                     let n = piece.len().min(skip as usize);
-                    hasher.update(&piece.split_to(n));
+                    let prefix = piece.split_to(n);
+                    hasher.update(&prefix);
+                    if let Some(r) = rows.as_mut() {
+                        r.update(&prefix).context("digest the chunk's rows")?;
+                    }
                     skip -= n as u64;
                     if skip == 0 {
                         if let Out::Wire {
@@ -492,11 +544,18 @@ impl Read<'_> {
                 let raw = block.split_to(take).freeze();
                 hasher.update(&raw);
                 let raw_len = raw.len() as u32;
-                // Compression is CPU work: keep it off the async workers.
+                // Compression and the row digest are CPU work: keep them off the async workers.
                 let codec = self.codec;
-                let payload = tokio::task::spawn_blocking(move || codec.encode(&raw))
-                    .await
-                    .context("compression task")??;
+                let mut digesting = rows.take();
+                let (payload, digested) = tokio::task::spawn_blocking(move || {
+                    if let Some(r) = digesting.as_mut() {
+                        r.update(&raw).context("digest the chunk's rows")?;
+                    }
+                    anyhow::Ok((codec.encode(&raw)?, digesting))
+                })
+                .await
+                .context("compression task")??;
+                rows = digested;
                 raw_bytes += raw_len as u64;
                 wire_bytes += payload.len() as u64;
                 blocks += 1;
@@ -522,7 +581,14 @@ impl Read<'_> {
                 break;
             }
         }
-        Ok((raw_bytes, wire_bytes, blocks, hasher.finalize()))
+        let rows = rows.map(CopyDigest::finish).transpose()?;
+        Ok((
+            raw_bytes,
+            wire_bytes,
+            blocks,
+            hasher.finalize().as_bytes().to_vec(),
+            rows,
+        ))
     }
 
     /// Send a chunk from its staging file, following it while it is still being written. With
@@ -533,7 +599,7 @@ impl Read<'_> {
         mut progress: tokio::sync::watch::Receiver<Progress>,
         mut header: pb::ChunkHeader,
         resume: Option<&Prefix>,
-    ) -> anyhow::Result<(u64, u64, u64, Vec<u8>)> {
+    ) -> anyhow::Result<Streamed> {
         let mut frames = FrameReader::open(path).await.map_err(broken)?;
         let mut hasher = blake3::Hasher::new();
         let skip = resume.map_or(0, |p| p.bytes);
@@ -589,7 +655,7 @@ impl Read<'_> {
         if offset < skip {
             return Err(short_source(skip - offset));
         }
-        let (raw_bytes, digest) = progress
+        let (raw_bytes, digest, rows) = progress
             .borrow()
             .done
             .clone()
@@ -599,7 +665,7 @@ impl Read<'_> {
                 "staging file holds {offset} bytes, its record says {raw_bytes}"
             )));
         }
-        Ok((raw_bytes, wire_bytes, blocks, digest))
+        Ok((raw_bytes, wire_bytes, blocks, digest, rows))
     }
 
     async fn send_header(&self, header: pb::ChunkHeader) {

@@ -48,6 +48,11 @@ pub struct Shared {
     /// Leases this sender's workers hold right now, renewed by the heartbeat. A revoked lease's
     /// token is cancelled, which aborts its transfer: the chunk belongs to someone else now.
     leases: std::sync::Mutex<HashMap<(String, u64), Held>>,
+    /// One finalize run per job at a time, and whether one already reported: after a
+    /// coordinator restart the task comes again while the first run may still be going.
+    pub finalized: Mutex<HashMap<String, Arc<Mutex<bool>>>>,
+    /// Column shapes for row digests, from the source's catalog.
+    pub shapes: haul_core::row_digest::ShapeCache,
 }
 
 struct Held {
@@ -70,6 +75,8 @@ impl Shared {
             snapshots: Mutex::new(HashMap::new()),
             agent_id: RwLock::new(String::new()),
             leases: std::sync::Mutex::new(HashMap::new()),
+            finalized: Mutex::new(HashMap::new()),
+            shapes: Default::default(),
             incarnation: format!(
                 "{}-{}",
                 std::process::id(),
@@ -257,6 +264,8 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             snapshot_id: out.snapshot_id,
                             resumed_bytes: out.resumed_bytes,
                             resent_bytes: out.resent_bytes,
+                            checked: out.checked,
+                            mismatch: out.mismatch,
                         };
                         // Test point: applied on the target, not yet reported.
                         haul_core::failpoint::die("die-before-chunk-report");
@@ -293,6 +302,12 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 match finalize::run(&shared, f).await {
                     Ok(()) => shared.staging.remove_job(&job).await,
                     Err(e) => report_failure(&shared, "finalize", &job, 0, 0, e).await,
+                }
+            }
+            Some(pb::sender_task::Task::Cleanup(c)) => {
+                let job = c.job_id.clone();
+                if let Err(e) = finalize::cleanup(&shared, c).await {
+                    report_failure(&shared, "clean up after", &job, 0, 0, e).await;
                 }
             }
         }
@@ -389,7 +404,19 @@ async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) {
 
 /// Deliver a report to the coordinator, retrying with backoff for about half a minute: a
 /// report lost while the coordinator restarts would leave its lease to time out instead.
-async fn deliver<F, Fut>(what: &str, mut call: F)
+async fn deliver<F, Fut>(what: &str, call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    if let Err(s) = try_deliver(call).await {
+        tracing::warn!("failed to {what}: {}", s.message());
+    }
+}
+
+/// [`deliver`], returning the last refusal when the coordinator could not be reached in time
+/// or refused for good.
+pub async fn try_deliver<F, Fut>(mut call: F) -> Result<(), tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), tonic::Status>>,
@@ -398,12 +425,18 @@ where
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match call().await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
             Err(s)
-                if tokio::time::Instant::now() >= deadline || s.code() == tonic::Code::NotFound =>
+                if tokio::time::Instant::now() >= deadline
+                    || matches!(
+                        s.code(),
+                        tonic::Code::NotFound
+                            | tonic::Code::FailedPrecondition
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::InvalidArgument
+                    ) =>
             {
-                tracing::warn!("failed to {what}: {}", s.message());
-                return;
+                return Err(s);
             }
             Err(_) => {
                 tokio::time::sleep(wait).await;

@@ -13,7 +13,9 @@
 use anyhow::Context;
 
 #[allow(unused_imports)]
-pub use haul_pgcluster::{compare_databases, Cluster, ClusterOptions};
+pub use haul_pgcluster::{
+    compare_databases, compare_databases_with, Cluster, ClusterOptions, Compare,
+};
 
 /// The fixture every end-to-end test migrates.
 pub const RICH_SQL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/rich.sql");

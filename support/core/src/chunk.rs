@@ -106,6 +106,9 @@ impl Range {
 pub struct Column {
     pub name: String,
     pub type_name: String,
+    /// The type's oid in the source catalog (0 when unknown).
+    #[serde(default)]
+    pub type_oid: u32,
 }
 
 /// What the sender measured about one table.
@@ -211,6 +214,7 @@ impl Column {
         pb::Column {
             name: self.name.clone(),
             type_name: self.type_name.clone(),
+            type_oid: self.type_oid,
         }
     }
     pub fn from_wire(c: &pb::Column) -> anyhow::Result<Column> {
@@ -220,6 +224,7 @@ impl Column {
         Ok(Column {
             name: c.name.clone(),
             type_name: c.type_name.clone(),
+            type_oid: c.type_oid,
         })
     }
 }

@@ -56,15 +56,23 @@ async fn digest_one(
     cols: Option<&String>,
     suffix: &str,
 ) -> TableDigest {
-    let Some(cols) = cols else {
-        return TableDigest {
-            table: table.clone(),
-            rows: -1,
-            digest: "missing".into(),
+    let sql = if crate::large_object::is_large_objects(table) {
+        format!("{};{suffix}", crate::large_object::DIGEST)
+    } else {
+        let Some(cols) = cols else {
+            return TableDigest {
+                table: table.clone(),
+                rows: -1,
+                digest: "missing".into(),
+            };
         };
+        format!("{};{suffix}", digest_sql(table, cols))
     };
-    let sql = format!("{};{suffix}", digest_sql(table, cols));
-    let result = client.simple_query(&sql).await;
+    digest_query(client, table, &sql).await
+}
+
+async fn digest_query(client: &Client, table: &TableName, sql: &str) -> TableDigest {
+    let result = client.simple_query(sql).await;
     let row = result.ok().and_then(|msgs| {
         msgs.into_iter().find_map(|m| match m {
             SimpleQueryMessage::Row(r) => Some((

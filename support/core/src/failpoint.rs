@@ -60,3 +60,15 @@ pub fn die(name: &str) {
         std::process::abort();
     }
 }
+
+/// At an armed point, hold this task still for a few seconds (`HAUL_FAILPOINT_STALL_MS`,
+/// default 5000), so a test can kill another role while this one is in the middle of a step.
+pub async fn stall(name: &str) {
+    if fire(name) {
+        let ms = std::env::var("HAUL_FAILPOINT_STALL_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(5000);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+}

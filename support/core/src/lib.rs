@@ -6,12 +6,15 @@
 
 pub mod bandwidth;
 pub mod chunk;
+pub mod chunk_rows;
 pub mod codec;
 pub mod digest;
 pub mod failpoint;
 pub mod frames;
 pub mod ident;
+pub mod large_object;
 pub mod pg;
+pub mod row_digest;
 pub mod schema_script;
 pub mod state;
 pub mod status;

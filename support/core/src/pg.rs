@@ -187,9 +187,9 @@ pub fn db_error_line(e: &tokio_postgres::Error) -> String {
     }
 }
 
-/// Find a PostgreSQL client program: `$HAUL_PG_BIN`, then `PATH`, then the newest
-/// `/usr/lib/postgresql/*/bin` (Debian's layout). A newer pg_dump can dump older servers.
-pub fn find_tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
+/// Every `name` program installed, newest PostgreSQL major first: `HAUL_PG_BIN`, then Debian's
+/// one directory per major (`/usr/lib/postgresql/N/bin`), then `PATH`.
+fn installed_tools(name: &str) -> Vec<std::path::PathBuf> {
     let mut dirs: Vec<std::path::PathBuf> = Vec::new();
     if let Some(d) = std::env::var_os("HAUL_PG_BIN") {
         dirs.push(d.into());
@@ -209,18 +209,100 @@ pub fn find_tool(name: &str) -> anyhow::Result<std::path::PathBuf> {
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
-    dirs.into_iter()
+    let mut out: Vec<std::path::PathBuf> = Vec::new();
+    for p in dirs
+        .into_iter()
         .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            crate::status::fatal(format!(
-                "{name} not found: install the PostgreSQL client (Debian/Ubuntu: apt-get install postgresql-client) or set HAUL_PG_BIN to its bin directory"
-            ))
-        })
+        .filter(|p| p.is_file())
+    {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The major version a `pg_dump --version` line names ("pg_dump (PostgreSQL) 15.14 (Debian…)").
+pub fn parse_tool_major(version_line: &str) -> Option<u32> {
+    let v = version_line.split(')').nth(1)?.split_whitespace().next()?;
+    let digits: String = v.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// A server's major version from its `server_version_num` (150014 -> 15, 90624 -> 9).
+pub fn server_major(version_num: i32) -> u32 {
+    (version_num.max(0) / 10000) as u32
+}
+
+fn tool_major(path: &std::path::Path) -> Option<u32> {
+    let out = std::process::Command::new(path)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    parse_tool_major(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The pg_dump to dump a source of `server_version_num`: `explicit` if given, else the newest
+/// installed. pg_dump refuses servers newer than itself, so one older than the source is an
+/// error that names the source's version and what to install.
+pub fn pg_dump_for(
+    source_version_num: i32,
+    explicit: Option<&std::path::Path>,
+) -> anyhow::Result<std::path::PathBuf> {
+    let need = server_major(source_version_num);
+    let candidates: Vec<std::path::PathBuf> = match explicit {
+        Some(p) => {
+            if !p.is_file() {
+                return Err(crate::status::fatal(format!(
+                    "--pg-dump {} is not a file; give the path of a pg_dump program",
+                    p.display()
+                )));
+            }
+            vec![p.to_path_buf()]
+        }
+        None => installed_tools("pg_dump"),
+    };
+    let mut best: Option<(u32, std::path::PathBuf)> = None;
+    for p in candidates {
+        if let Some(v) = tool_major(&p) {
+            if best.as_ref().is_none_or(|(b, _)| v > *b) {
+                best = Some((v, p));
+            }
+        }
+    }
+    match best {
+        Some((v, p)) if v >= need => Ok(p),
+        Some((v, p)) => Err(crate::status::fatal(format!(
+            "the source runs PostgreSQL {need} but the newest pg_dump {} is {v} ({}); pg_dump must be of the \
+             source's major version or newer: install it (Debian/Ubuntu: apt-get install postgresql-client-{need}) \
+             or pass --pg-dump PATH",
+            if explicit.is_some() { "given" } else { "installed" },
+            p.display()
+        ))),
+        None => Err(crate::status::fatal(format!(
+            "pg_dump not found (the source runs PostgreSQL {need}): install the PostgreSQL client \
+             (Debian/Ubuntu: apt-get install postgresql-client-{need}), pass --pg-dump PATH, or set HAUL_PG_BIN"
+        ))),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reads_the_major_of_a_tool_and_a_server() {
+        assert_eq!(
+            parse_tool_major("pg_dump (PostgreSQL) 15.14 (Debian 15.14-0+deb12u1)"),
+            Some(15)
+        );
+        assert_eq!(parse_tool_major("pg_dump (PostgreSQL) 18beta1"), Some(18));
+        assert_eq!(parse_tool_major("pg_dump (PostgreSQL) 9.6.24"), Some(9));
+        assert_eq!(parse_tool_major("nonsense"), None);
+        assert_eq!(server_major(150014), 15);
+        assert_eq!(server_major(90624), 9);
+        assert_eq!(server_major(180000), 18);
+    }
+
     use super::*;
 
     #[test]

