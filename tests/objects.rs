@@ -173,3 +173,49 @@ fn a_missing_extension_is_refused_in_one_line() -> anyhow::Result<()> {
     assert_eq!(left.trim(), "0", "nothing was written");
     Ok(())
 }
+
+#[test]
+fn role_passwords_come_across_only_when_asked() -> anyhow::Result<()> {
+    let (source, target) = two_clusters()?;
+    source.create_database("db")?;
+    source.psql(
+        "db",
+        "CREATE ROLE app_login LOGIN PASSWORD 'secret one'; \
+         CREATE TABLE t (id int PRIMARY KEY); ALTER TABLE t OWNER TO app_login;",
+    )?;
+    target.create_database("db")?;
+    target.create_database("db2")?;
+    let hash = |c: &Cluster| {
+        c.psql(
+            "db",
+            "SELECT coalesce(rolpassword, 'none') FROM pg_authid WHERE rolname = 'app_login'",
+        )
+    };
+    let out = copy(&source.url("db"), &target.url("db"), &["--roles"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        hash(&target)?.trim(),
+        "none",
+        "no password without --role-passwords"
+    );
+    // The role now exists on the target cluster: drop it to have it made again.
+    target.psql("db", "DROP TABLE t; DROP ROLE app_login")?;
+    let out = copy(
+        &source.url("db"),
+        &target.url("db2"),
+        &["--roles", "--role-passwords"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (s, t) = (hash(&source)?, hash(&target)?);
+    assert!(s.trim().starts_with("SCRAM-SHA-256$"), "{s}");
+    assert_eq!(s.trim(), t.trim(), "the source's hash, not a new password");
+    Ok(())
+}

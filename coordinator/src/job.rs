@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use haul_core::chunk::{ChunkPlan, Column, Range};
 use haul_core::ident::TableName;
+use haul_core::row_digest::RowDigest;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,7 +218,27 @@ pub struct Chunk {
     pub checked: bool,
     #[serde(default)]
     pub mismatch: String,
+    /// The sender's row digest of the chunk (empty when it sent none) and its row count.
+    #[serde(default)]
+    pub row_digest: Vec<u8>,
+    #[serde(default)]
+    pub digest_rows: u64,
+    /// Since when the receiver has been reading the chunk back (0: not pending). Finalize waits
+    /// for pending checks, for at most [`CHECK_WAIT_MS`]; one never reported counts as not
+    /// compared, and its table is compared whole.
+    #[serde(default)]
+    pub check_pending_since_ms: u64,
+    /// The receiver's read-back result came (it may come before the sender's report).
+    #[serde(default)]
+    pub check_reported: bool,
 }
+
+/// A table to digest whole at the end: its index, the sum of its chunks' digests, and its
+/// chunks (to read one by one if the table differs).
+pub type Expected<'a> = (usize, RowDigest, Vec<&'a Chunk>);
+
+/// How long finalize waits for a read-back the receiver has not reported (it restarted, say).
+pub const CHECK_WAIT_MS: u64 = 120_000;
 
 /// Failed finalize or cleanup attempts before the job fails: with [`backoff_ms`] that is about
 /// five minutes of a receiver being away.
@@ -247,6 +268,10 @@ impl Chunk {
             snapshot_id: String::new(),
             checked: false,
             mismatch: String::new(),
+            row_digest: Vec::new(),
+            digest_rows: 0,
+            check_pending_since_ms: 0,
+            check_reported: false,
         }
     }
 }
@@ -399,21 +424,48 @@ impl Job {
         out
     }
 
-    /// Tables with a chunk whose rows were not compared along the way: compared whole at the
-    /// end.
-    pub fn tables_to_verify_whole(&self) -> Vec<usize> {
-        let mut need = vec![false; self.tables.len()];
+    /// Tables with a chunk whose rows were not compared along the way, to be compared whole at
+    /// the end: with the sum of their chunks' row digests when every chunk carried one
+    /// (`expect`: table, digest, rows), else on both ends (`both`).
+    pub fn tables_to_verify_whole(&self) -> (Vec<Expected<'_>>, Vec<usize>) {
+        let n = self.tables.len();
+        let (mut unchecked, mut sum, mut undigested) = (
+            vec![false; n],
+            vec![RowDigest::default(); n],
+            vec![false; n],
+        );
         for c in &self.chunks {
-            if !c.checked {
-                if let Some(n) = need.get_mut(c.table) {
-                    *n = true;
-                }
+            let Some(t) = unchecked.get_mut(c.table) else {
+                continue;
+            };
+            *t |= !c.checked;
+            match RowDigest::from_bytes(c.digest_rows, &c.row_digest) {
+                Ok(d) => sum[c.table].combine(&d),
+                Err(_) => undigested[c.table] = true,
             }
         }
-        need.iter()
-            .enumerate()
-            .filter_map(|(i, n)| n.then_some(i))
-            .collect()
+        let (mut expect, mut both) = (Vec::new(), Vec::new());
+        for i in (0..n).filter(|&i| unchecked[i]) {
+            if undigested[i] {
+                both.push(i);
+            } else {
+                let keyed: Vec<&Chunk> = self
+                    .chunks
+                    .iter()
+                    .filter(|c| c.table == i && matches!(c.range, Range::Key { .. } | Range::Whole))
+                    .collect();
+                expect.push((i, sum[i], keyed));
+            }
+        }
+        (expect, both)
+    }
+
+    /// Whether every read-back the receiver owes has been reported, or waited for long enough.
+    pub fn checks_settled(&self, now: u64) -> bool {
+        !self.chunks.iter().any(|c| {
+            c.check_pending_since_ms > 0
+                && now.saturating_sub(c.check_pending_since_ms) < CHECK_WAIT_MS
+        })
     }
 
     /// Rows the chunks of each table carried (done chunks), by table index.

@@ -217,6 +217,7 @@ impl State {
                     }
                     if j.record.phase == Phase::Finalizing
                         && j.record.planner.as_deref() == Some(agent)
+                        && j.checks_settled(now_ms())
                     {
                         j.record.finalize_leased = true;
                         return Some(finalize_task(j));
@@ -239,7 +240,8 @@ impl State {
                     if !j.record.cleanup_pending
                         && j.record.planner.as_deref() == Some(agent)
                         && !j.record.finalize_leased
-                        && j.record.finalize_not_before_ms <= now_ms() =>
+                        && j.record.finalize_not_before_ms <= now_ms()
+                        && j.checks_settled(now_ms()) =>
                 {
                     j.record.finalize_leased = true;
                     return Some(finalize_task(j));
@@ -252,14 +254,34 @@ impl State {
 }
 
 fn finalize_task(j: &Job) -> pb::sender_task::Task {
+    let (expect, both) = j.tables_to_verify_whole();
     pb::sender_task::Task::Finalize(pb::FinalizeTask {
         job_id: j.record.id.clone(),
         receiver_addr: j.record.receiver_addr.clone(),
         options: Some(j.record.options.to_wire()),
-        full_verify: j
-            .tables_to_verify_whole()
+        full_verify: both
             .into_iter()
             .filter_map(|i| j.tables.get(i).map(|t| t.table.to_wire()))
+            .collect(),
+        expect: expect
+            .into_iter()
+            .filter_map(|(i, d, chunks)| {
+                j.tables.get(i).map(|t| pb::TableExpect {
+                    table: Some(t.table.to_wire()),
+                    columns: t.columns.iter().map(Column::to_wire).collect(),
+                    row_digest: d.to_bytes(),
+                    rows: d.rows,
+                    chunks: chunks
+                        .into_iter()
+                        .map(|c| pb::ChunkExpect {
+                            chunk_id: c.id,
+                            range: Some(c.range.to_wire()),
+                            row_digest: c.row_digest.clone(),
+                            rows: c.digest_rows,
+                        })
+                        .collect(),
+                })
+            })
             .collect(),
     })
 }
@@ -289,6 +311,20 @@ impl Coordinator for CoordinatorService {
             .get(&id)
             .is_some_and(|a| a.incarnation != r.incarnation);
         let mut changed = Vec::new();
+        let mut changed_chunks = Vec::new();
+        if who.role == Role::Receiver && restarted {
+            // Its read-backs died with the old process: those chunks count as not compared
+            // (their tables are compared whole at the end) instead of being waited for.
+            for j in st.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+                for c in j.chunks.iter_mut().filter(|c| c.check_pending_since_ms > 0) {
+                    c.check_pending_since_ms = 0;
+                    changed_chunks.push((j.record.id.clone(), c.clone()));
+                }
+            }
+            if !changed_chunks.is_empty() {
+                tracing::info!(agent = %id, chunks = changed_chunks.len(), "the receiver restarted; its pending read-backs count as not compared");
+            }
+        }
         if who.role == Role::Sender {
             for j in st.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
                 let mut dirty = false;
@@ -341,6 +377,9 @@ impl Coordinator for CoordinatorService {
         drop(st);
         for record in &changed {
             self.inner.store.put_record(record).map_err(to_status)?;
+        }
+        for (job, c) in &changed_chunks {
+            self.inner.store.put_chunk(job, c).map_err(to_status)?;
         }
         if !changed.is_empty() {
             self.inner.store.flush().await.map_err(to_status)?;
@@ -488,8 +527,17 @@ impl Coordinator for CoordinatorService {
         if !job.complete(index, done, &r.snapshot_id) {
             return Ok(Response::new(pb::Empty {}));
         }
-        job.chunks[index].checked = r.checked;
-        job.chunks[index].mismatch = r.mismatch.clone();
+        {
+            let c = &mut job.chunks[index];
+            c.row_digest = r.row_digest.clone();
+            c.digest_rows = r.digest_rows;
+            // The receiver's own report of its read-back may have come first; it stands.
+            if !c.check_reported {
+                c.checked = r.checked;
+                c.mismatch = r.mismatch.clone();
+                c.check_pending_since_ms = if r.check_pending { now_ms() } else { 0 };
+            }
+        }
         job.record.warning.clear();
         let chunk = job.chunks[index].clone();
         let phase_changed = job.all_done() && job.record.phase == Phase::Copying;
@@ -550,7 +598,9 @@ impl Coordinator for CoordinatorService {
             }
         }
         let chunk_bad = if r.verified {
-            job.chunk_mismatches()
+            let mut bad = job.chunk_mismatches();
+            bad.extend(r.chunk_mismatches.iter().cloned());
+            bad
         } else {
             Vec::new()
         };
@@ -711,6 +761,34 @@ impl Coordinator for CoordinatorService {
             }
         }
         Ok(Response::new(pb::RenewReply { revoked }))
+    }
+
+    async fn report_check(
+        &self,
+        req: Request<pb::CheckReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        haul_certs::require(&req, &[Role::Receiver])?;
+        let r = req.into_inner();
+        let mut st = self.inner.state.lock().await;
+        let job = st.job_mut(&r.job_id)?;
+        let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) else {
+            return Err(Status::not_found(format!(
+                "job {} has no chunk {}",
+                r.job_id, r.chunk_id
+            )));
+        };
+        c.checked = r.checked;
+        c.mismatch = r.mismatch;
+        c.check_pending_since_ms = 0;
+        c.check_reported = true;
+        let chunk = c.clone();
+        drop(st);
+        self.inner
+            .store
+            .put_chunk(&r.job_id, &chunk)
+            .map_err(to_status)?;
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::Empty {}))
     }
 
     async fn check_lease(

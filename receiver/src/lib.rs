@@ -108,6 +108,14 @@ async fn register_loop(config: ReceiverConfig, shutdown: CancellationToken) {
             }
         };
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+    let incarnation = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    );
     let mut backoff = Duration::from_millis(200);
     let mut registered = false;
     loop {
@@ -115,8 +123,9 @@ async fn register_loop(config: ReceiverConfig, shutdown: CancellationToken) {
             name: config.name.clone(),
             advertise: config.advertise.clone(),
             slots: config.slots as u32,
-            // Receivers hold no leases or snapshots, so a restart needs no fencing here.
-            incarnation: String::new(),
+            // A new process has lost the read-backs its predecessor was doing: the coordinator
+            // stops waiting for their results.
+            incarnation: incarnation.clone(),
         };
         match client.register(req).await {
             Ok(r) => {

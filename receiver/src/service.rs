@@ -457,10 +457,13 @@ impl ReceiverService {
         {
             // Test point: something else on the target changes a committed chunk (a trigger, a
             // user): one of its rows disappears before verification reads it back.
-            let pred = range
-                .predicate()
-                .map(|p| format!(" WHERE {p}"))
-                .unwrap_or_default();
+            // A page range selects other rows on the target: any row of the table will do.
+            let pred = match &range {
+                haul_core::chunk::Range::Pages { .. } => None,
+                r => r.predicate(),
+            }
+            .map(|p| format!(" WHERE {p}"))
+            .unwrap_or_default();
             let client = self.inner.pool.get().await?;
             client
                 .batch_execute(&format!(
@@ -470,29 +473,85 @@ impl ReceiverService {
                 .await
                 .context("failpoint alter-after-commit")?;
         }
+        // Along the way: a chunk that is its whole table, and large objects (found by oid
+        // through the catalog's index). A key range of a split table is not read back here:
+        // the target has no index yet (post-data comes last), so each would scan the whole
+        // table; such tables are digested whole once, at the end, against the sum of their
+        // chunks, and only a table that differs is read chunk by chunk to name the chunks.
+        let along = matches!(range, haul_core::chunk::Range::Whole)
+            || haul_core::large_object::is_large_objects(&table);
         if let (true, Some(source)) = (
-            header.verify && readback::can_read_back(&range),
+            header.verify && along && readback::can_read_back(&range),
             source_rows,
         ) {
             let meta = haul_core::large_object::Metadata {
                 owner: header.large_object_owner,
                 privileges: header.large_object_privileges,
             };
-            match self.read_back(&table, &columns, &range, meta).await {
-                Ok(target) => {
-                    receipt.checked = true;
-                    receipt.mismatch =
-                        readback::mismatch(&table, chunk_id, &range, &source, &target)
-                            .unwrap_or_default();
-                    if !receipt.mismatch.is_empty() {
-                        tracing::error!(job = job_id, chunk = chunk_id, "verification found a difference: {}", receipt.mismatch);
-                    }
-                }
-                // The chunk is applied; a read-back that fails leaves it to the final check.
-                Err(e) => tracing::warn!(job = job_id, chunk = chunk_id, "failed to read chunk back for verification (the final check covers its table): {e:#}"),
-            }
+            // Read back after the receipt, not before it: the sender's slot goes on to its next
+            // chunk meanwhile. The result goes to the coordinator directly.
+            receipt.check_pending = true;
+            let (svc, job_id) = (self.clone(), job_id.to_string());
+            tokio::spawn(async move {
+                svc.check_chunk(job_id, chunk_id, table, columns, range, meta, source)
+                    .await
+            });
         }
         Ok(receipt)
+    }
+
+    /// Read a committed chunk back, compare it with the sender's row digest, and tell the
+    /// coordinator (retrying for a while: a report lost is a check the job waits for).
+    #[allow(clippy::too_many_arguments)]
+    async fn check_chunk(
+        self,
+        job_id: String,
+        chunk_id: u64,
+        table: TableName,
+        columns: Vec<Column>,
+        range: haul_core::chunk::Range,
+        meta: haul_core::large_object::Metadata,
+        source: RowDigest,
+    ) {
+        let report = match self.read_back(&table, &columns, &range, meta).await {
+            Ok(target) => {
+                let mismatch = readback::mismatch(&table, chunk_id, &range, &source, &target)
+                    .unwrap_or_default();
+                if !mismatch.is_empty() {
+                    tracing::error!(job = %job_id, chunk = chunk_id, "verification found a difference: {mismatch}");
+                }
+                pb::CheckReport {
+                    job_id,
+                    chunk_id,
+                    checked: true,
+                    mismatch,
+                }
+            }
+            // The chunk is applied; a read-back that fails leaves it to the final check.
+            Err(e) => {
+                tracing::warn!(job = %job_id, chunk = chunk_id, "failed to read chunk back for verification (the final check covers its table): {e:#}");
+                pb::CheckReport {
+                    job_id,
+                    chunk_id,
+                    checked: false,
+                    mismatch: String::new(),
+                }
+            }
+        };
+        let mut wait = std::time::Duration::from_millis(200);
+        for _ in 0..10 {
+            let mut fence = self.inner.fence.clone();
+            match fence.report_check(report.clone()).await {
+                Ok(_) => return,
+                Err(s) if s.code() == tonic::Code::NotFound => return,
+                Err(s) => {
+                    tracing::debug!("failed to report a chunk check: {}", s.message());
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
+        }
+        tracing::warn!(job = %report.job_id, chunk = report.chunk_id, "failed to report a chunk check to the coordinator; its table is compared whole at the end");
     }
 
     async fn read_back(
@@ -586,7 +645,7 @@ impl ReceiverService {
                             t.raw_bytes, t.blocks
                         ))));
                     }
-                    let rows = (t.row_digest.len() == 32)
+                    let rows = (t.row_digest.len() == haul_core::row_digest::DIGEST_BYTES)
                         .then(|| RowDigest::from_bytes(t.rows, &t.row_digest).ok())
                         .flatten();
                     return Ok((raw_bytes, t.digest, rows));
@@ -641,6 +700,13 @@ impl ReceiverService {
         let mut digests = schema::digests(target, tables, req.parallel.max(1) as usize).await?;
         let counted: Vec<TableName> = req.count_tables.iter().map(TableName::from).collect();
         digests.extend(schema::counts(target, counted, req.parallel.max(1) as usize).await?);
+        let meta = haul_core::large_object::Metadata {
+            owner: req.large_object_owner,
+            privileges: req.large_object_privileges,
+        };
+        let (row_digests, chunk_mismatches) = self
+            .table_row_digests(&req.expect, meta, req.parallel.max(1) as usize)
+            .await?;
         haul_core::failpoint::die("die-after-digests");
         haul_core::failpoint::stall("stall-after-digests").await;
         // The spool (post-data script included) stays until cleanup: a finalize run again
@@ -648,7 +714,98 @@ impl ReceiverService {
         Ok(pb::FinalizeReply {
             post_data_objects: post_objects,
             digests,
+            row_digests,
+            chunk_mismatches,
         })
+    }
+
+    /// Whole tables read back and digested as chunks are (`core::chunk_rows`), `parallel` at a
+    /// time, for tables some chunk of which could not be compared along the way.
+    async fn table_row_digests(
+        &self,
+        expect: &[pb::TableExpect],
+        meta: haul_core::large_object::Metadata,
+        parallel: usize,
+    ) -> anyhow::Result<(Vec<pb::TableDigest>, Vec<String>)> {
+        let queue = Arc::new(tokio::sync::Mutex::new(expect.to_vec()));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..parallel.max(1).min(expect.len()) {
+            let (queue, svc) = (queue.clone(), self.clone());
+            workers.spawn(async move {
+                let (mut out, mut found) = (Vec::new(), Vec::new());
+                loop {
+                    let next = queue.lock().await.pop();
+                    let Some(e) = next else {
+                        return anyhow::Ok((out, found));
+                    };
+                    let table = table_from_wire(e.table.as_ref())?;
+                    let columns: Vec<Column> = e
+                        .columns
+                        .iter()
+                        .map(Column::from_wire)
+                        .collect::<anyhow::Result<_>>()?;
+                    let whole = haul_core::chunk::Range::Whole;
+                    let (rows, digest) = match svc.read_back(&table, &columns, &whole, meta).await {
+                        Ok(d) => {
+                            let expected = RowDigest::from_bytes(e.rows, &e.row_digest).ok();
+                            if expected.is_some_and(|x| x != d) {
+                                found.extend(
+                                    svc.drill_down(&table, &columns, &e.chunks, meta).await,
+                                );
+                            }
+                            (
+                                d.rows as i64,
+                                d.to_bytes().iter().map(|x| format!("{x:02x}")).collect(),
+                            )
+                        }
+                        Err(err) => {
+                            tracing::warn!(%table, "failed to digest table on target: {err:#}");
+                            (-1, "unreadable".to_string())
+                        }
+                    };
+                    out.push(pb::TableDigest {
+                        table: Some(table.to_wire()),
+                        rows,
+                        digest,
+                    });
+                }
+            });
+        }
+        let (mut out, mut found) = (Vec::with_capacity(expect.len()), Vec::new());
+        while let Some(r) = workers.join_next().await {
+            let (digests, mismatches) = r.context("table digest worker")??;
+            out.extend(digests);
+            found.extend(mismatches);
+        }
+        found.sort();
+        Ok((out, found))
+    }
+
+    /// A table that differs as a whole, read back chunk by chunk (key ranges) to name the
+    /// chunks that differ.
+    async fn drill_down(
+        &self,
+        table: &TableName,
+        columns: &[Column],
+        chunks: &[pb::ChunkExpect],
+        meta: haul_core::large_object::Metadata,
+    ) -> Vec<String> {
+        let mut found = Vec::new();
+        for c in chunks {
+            let (Ok(range), Ok(source)) = (
+                haul_core::chunk::Range::from_wire(c.range.as_ref()),
+                RowDigest::from_bytes(c.rows, &c.row_digest),
+            ) else {
+                continue;
+            };
+            match self.read_back(table, columns, &range, meta).await {
+                Ok(target) => found.extend(readback::mismatch(
+                    table, c.chunk_id, &range, &source, &target,
+                )),
+                Err(e) => found.push(format!("{table} chunk {}: {e:#}", c.chunk_id)),
+            }
+        }
+        found
     }
 
     async fn cleanup_inner(&self, req: pb::CleanupRequest) -> anyhow::Result<pb::CleanupReply> {

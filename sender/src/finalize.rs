@@ -55,9 +55,15 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
     // the rest (chunks cut by pages, chunks found applied after a restart) are compared whole.
     let whole: std::collections::HashSet<TableName> =
         task.full_verify.iter().map(TableName::from).collect();
+    let expected: std::collections::HashSet<TableName> = task
+        .expect
+        .iter()
+        .filter_map(|e| e.table.as_ref().map(TableName::from))
+        .collect();
     let (full, counted): (Vec<_>, Vec<_>) = tables
         .iter()
         .map(|t| t.table.clone())
+        .filter(|t| !expected.contains(t))
         .partition(|t| whole.contains(t));
 
     // The source side, in parallel on readers of the job's snapshot.
@@ -99,6 +105,13 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
             } else {
                 vec![]
             },
+            expect: if options.verify {
+                task.expect.clone()
+            } else {
+                vec![]
+            },
+            large_object_owner: !options.no_owner,
+            large_object_privileges: !options.no_privileges,
             parallel: options.jobs.max(1),
         })
         .await
@@ -121,6 +134,27 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
             target_digest: target.map(|d| d.digest.clone()).unwrap_or_default(),
         });
     }
+    // Digested whole on the target, against the sum of the chunks' digests from the sender.
+    let digested: std::collections::HashMap<TableName, &pb::TableDigest> = reply
+        .row_digests
+        .iter()
+        .filter_map(|d| d.table.as_ref().map(|t| (TableName::from(t), d)))
+        .collect();
+    if options.verify {
+        for e in &task.expect {
+            let Some(t) = e.table.as_ref().map(TableName::from) else {
+                continue;
+            };
+            let target = digested.get(&t);
+            checks.push(pb::TableCheck {
+                table: Some(t.to_wire()),
+                source_rows: e.rows as i64,
+                source_digest: hex(&e.row_digest),
+                target_rows: target.map_or(-1, |d| d.rows),
+                target_digest: target.map(|d| d.digest.clone()).unwrap_or_default(),
+            });
+        }
+    }
     // Counted only: the coordinator knows the source's rows (what the chunks carried).
     if options.verify {
         for t in &counted {
@@ -140,6 +174,7 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
         checks,
         sequences: sequences.len() as u32,
         post_data_objects: reply.post_data_objects,
+        chunk_mismatches: reply.chunk_mismatches.clone(),
     };
     // Test point: the target is finalized, the coordinator not yet told.
     haul_core::failpoint::die("die-before-final-report");
@@ -181,4 +216,8 @@ pub async fn cleanup(shared: &Arc<Shared>, task: pb::CleanupTask) -> anyhow::Res
     .map_err(|s| from_status(s, "coordinator refused the cleanup report"))?;
     tracing::info!(job = %task.job_id, schema_dropped = reply.schema_dropped, "cleaned up");
     Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -245,7 +245,7 @@ mod tests {
                 raw_bytes: 10,
                 frames: 1,
                 digest: vec![1; 32],
-                row_digest: vec![2; 32],
+                row_digest: vec![2; 16],
                 rows: 3,
             };
             s.finish("j", 1, &staged).await?;

@@ -48,6 +48,10 @@ pub struct Outcome {
     /// The receiver read the rows back after commit and compared their digest with ours.
     pub checked: bool,
     pub mismatch: String,
+    /// The receiver reads the chunk back after its receipt and reports the result itself.
+    pub check_pending: bool,
+    /// Our digest of the chunk's rows, when the job verifies and we read them.
+    pub row_digest: Option<RowDigest>,
 }
 
 /// The part of a chunk the receiver already holds: its first `bytes` raw bytes, whose blake3
@@ -129,6 +133,8 @@ pub async fn run(
                 resent_bytes: 0,
                 checked: false,
                 mismatch: String::new(),
+                check_pending: false,
+                row_digest: None,
             });
         }
         // Bytes of two snapshots are never joined in one chunk: only a prefix read under the
@@ -207,7 +213,7 @@ pub async fn run(
             async move {
                 match staged {
                     Some(st) => {
-                        let rows = (st.row_digest.len() == 32)
+                        let rows = (st.row_digest.len() == haul_core::row_digest::DIGEST_BYTES)
                             .then(|| RowDigest::from_bytes(st.rows, &st.row_digest).ok())
                             .flatten();
                         let (_done, progress) = tokio::sync::watch::channel(Progress {
@@ -320,6 +326,8 @@ pub async fn run(
         resent_bytes: receipt.resent_bytes,
         checked: receipt.checked,
         mismatch: receipt.mismatch,
+        check_pending: receipt.check_pending,
+        row_digest: rows,
     })
 }
 

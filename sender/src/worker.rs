@@ -266,6 +266,9 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             resent_bytes: out.resent_bytes,
                             checked: out.checked,
                             mismatch: out.mismatch,
+                            row_digest: out.row_digest.map(|d| d.to_bytes()).unwrap_or_default(),
+                            digest_rows: out.row_digest.map_or(0, |d| d.rows),
+                            check_pending: out.check_pending,
                         };
                         // Test point: applied on the target, not yet reported.
                         haul_core::failpoint::die("die-before-chunk-report");

@@ -3,8 +3,14 @@
 //! The sender folds every row of a chunk into a [`RowDigest`] while it reads the chunk; after the
 //! chunk commits, the receiver reads the same rows back from the target with the same binary
 //! COPY and folds them the same way. Equal digests mean the same multiset of rows: each row's
-//! blake3 is added into four 64-bit lanes (wrapping), so row order does not matter and every
-//! duplicate counts. Digests of a table's chunks add up to the table's digest.
+//! 128-bit XXH3 is added into two 64-bit lanes (wrapping), so row order does not matter and
+//! every duplicate counts. Digests of a table's chunks add up to the table's digest.
+//!
+//! Why XXH3 and not blake3 here: this guards against loss and corruption, not against an
+//! adversary (the chunk bytes themselves are blake3-checked end to end), and it runs once per
+//! row on both ends, where blake3's per-call cost on short inputs would be most of the work.
+//! Each row's bytes (normalised) are gathered into one buffer and hashed in one call; a row
+//! too big for the buffer streams into an XXH3 state instead, which gives the same hash.
 //!
 //! Binary values embed type OIDs (an array's element type, each field of a composite), and
 //! OIDs of user-defined types differ between two clusters. Each column's [`Shape`], read from
@@ -38,18 +44,14 @@ impl Shape {
 /// A multiset digest of rows.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RowDigest {
-    lanes: [u64; 4],
+    lanes: [u64; 2],
     pub rows: u64,
 }
 
 impl RowDigest {
-    fn add_hash(&mut self, h: &blake3::Hash) {
-        let b = h.as_bytes();
-        for (i, lane) in self.lanes.iter_mut().enumerate() {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[i * 8..i * 8 + 8]);
-            *lane = lane.wrapping_add(u64::from_le_bytes(w));
-        }
+    fn add_hash(&mut self, h: u128) {
+        self.lanes[0] = self.lanes[0].wrapping_add(h as u64);
+        self.lanes[1] = self.lanes[1].wrapping_add((h >> 64) as u64);
         self.rows += 1;
     }
 
@@ -61,16 +63,16 @@ impl RowDigest {
         self.rows += other.rows;
     }
 
-    /// The 32 bytes that travel: the four lanes, little-endian.
+    /// The 16 bytes that travel: the two lanes, little-endian.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.lanes.iter().flat_map(|l| l.to_le_bytes()).collect()
     }
 
     pub fn from_bytes(rows: u64, b: &[u8]) -> anyhow::Result<RowDigest> {
-        if b.len() != 32 {
-            bail!("a row digest is 32 bytes, not {}", b.len());
+        if b.len() != DIGEST_BYTES {
+            bail!("a row digest is {DIGEST_BYTES} bytes, not {}", b.len());
         }
-        let mut lanes = [0u64; 4];
+        let mut lanes = [0u64; 2];
         for (i, lane) in lanes.iter_mut().enumerate() {
             let mut w = [0u8; 8];
             w.copy_from_slice(&b[i * 8..i * 8 + 8]);
@@ -81,14 +83,50 @@ impl RowDigest {
 
     /// Short hex form for messages.
     pub fn short(&self) -> String {
-        format!(
-            "{:016x}",
-            self.lanes[0] ^ self.lanes[1] ^ self.lanes[2] ^ self.lanes[3]
-        )
+        format!("{:016x}", self.lanes[0] ^ self.lanes[1])
     }
 }
 
+/// The size of [`RowDigest::to_bytes`].
+pub const DIGEST_BYTES: usize = 16;
+
 const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// A row's bytes gathered for one hash call; past [`ROW_BUFFER`] they stream into an XXH3
+/// state, so a row with a huge value costs no more memory than this.
+const ROW_BUFFER: usize = 1 << 20;
+
+#[derive(Default)]
+struct RowHasher {
+    buf: Vec<u8>,
+    stream: Option<Box<xxhash_rust::xxh3::Xxh3>>,
+}
+
+impl RowHasher {
+    fn update(&mut self, b: &[u8]) {
+        if let Some(s) = self.stream.as_mut() {
+            s.update(b);
+        } else if self.buf.len() + b.len() > ROW_BUFFER {
+            let mut s = Box::new(xxhash_rust::xxh3::Xxh3::new());
+            s.update(&self.buf);
+            s.update(b);
+            self.buf.clear();
+            self.stream = Some(s);
+        } else {
+            self.buf.extend_from_slice(b);
+        }
+    }
+
+    /// The row's hash; ready for the next row.
+    fn finish(&mut self) -> u128 {
+        let h = match self.stream.take() {
+            Some(s) => s.digest128(),
+            None => xxhash_rust::xxh3::xxh3_128(&self.buf),
+        };
+        self.buf.clear();
+        h
+    }
+}
 
 #[derive(Debug)]
 enum State {
@@ -116,7 +154,7 @@ pub struct CopyDigest {
     state: State,
     /// Bytes of a length or header not yet complete, or of a held field.
     pending: Vec<u8>,
-    row: blake3::Hasher,
+    row: RowHasher,
     digest: RowDigest,
 }
 
@@ -131,7 +169,7 @@ impl CopyDigest {
             shapes,
             state: State::Header,
             pending: Vec::new(),
-            row: blake3::Hasher::new(),
+            row: RowHasher::default(),
             digest: RowDigest::default(),
         }
     }
@@ -180,7 +218,6 @@ impl CopyDigest {
                     } else if n < 0 {
                         bail!("binary COPY tuple with {n} fields");
                     } else {
-                        self.row = blake3::Hasher::new();
                         self.row.update(&(n as u16).to_le_bytes());
                         self.state = self.next_field(0, n as usize);
                     }
@@ -251,8 +288,8 @@ impl CopyDigest {
         if i < n {
             State::FieldLen { i, n }
         } else {
-            let h = self.row.finalize();
-            self.digest.add_hash(&h);
+            let h = self.row.finish();
+            self.digest.add_hash(h);
             State::Tuple
         }
     }
@@ -614,8 +651,30 @@ mod tests {
         let mut sum = digest(&stream(&rows[..4]), vec![Shape::Scalar], 9);
         sum.combine(&digest(&stream(&rows[4..]), vec![Shape::Scalar], 2));
         assert_eq!(sum, whole);
-        let back = RowDigest::from_bytes(whole.rows, &whole.to_bytes()).expect("32 bytes");
+        let back = RowDigest::from_bytes(whole.rows, &whole.to_bytes()).expect("16 bytes");
         assert_eq!(back, whole);
+    }
+
+    #[test]
+    fn a_row_too_big_for_the_buffer_hashes_as_if_it_were_not() {
+        let big: Vec<u8> = (0..(3 * ROW_BUFFER as u32))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut whole = RowHasher::default();
+        whole.update(&big);
+        let mut pieces = RowHasher::default();
+        for p in big.chunks(4099) {
+            pieces.update(p);
+        }
+        let one_shot = xxhash_rust::xxh3::xxh3_128(&big);
+        assert_eq!(whole.finish(), one_shot);
+        assert_eq!(pieces.finish(), one_shot);
+        // And the buffer is ready for the next row.
+        let mut h = RowHasher::default();
+        h.update(&big);
+        h.finish();
+        h.update(b"small");
+        assert_eq!(h.finish(), xxhash_rust::xxh3::xxh3_128(b"small"));
     }
 
     #[test]
