@@ -50,6 +50,24 @@ fn cluster_of(major: u32) -> anyhow::Result<Cluster> {
     })
 }
 
+/// A source and a target cluster, started side by side: of `major`'s server programs, or the
+/// machine's for `None`.
+fn pair(source: Option<u32>, target: Option<u32>) -> anyhow::Result<(Cluster, Cluster)> {
+    let make = |m: Option<u32>| match m {
+        Some(m) => cluster_of(m),
+        None => Cluster::start(ClusterOptions::default()),
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| make(source));
+        let b = s.spawn(|| make(target));
+        (a.join(), b.join())
+    });
+    Ok((
+        a.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??,
+        b.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??,
+    ))
+}
+
 fn server_version(c: &Cluster) -> anyhow::Result<u32> {
     Ok(c.psql("postgres", "SHOW server_version_num")?
         .trim()
@@ -78,13 +96,7 @@ fn copy(source: &Cluster, target: &Cluster) -> anyhow::Result<String> {
 
 #[test]
 fn a_source_older_than_the_target_moves_equal() -> anyhow::Result<()> {
-    let (source, target) = std::thread::scope(|s| {
-        let a = s.spawn(|| cluster_of(13));
-        let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        (a.join(), b.join())
-    });
-    let source = source.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??;
-    let target = target.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??;
+    let (source, target) = pair(Some(13), None)?;
     assert_eq!(server_version(&source)?, 13);
     assert!(server_version(&target)? > 13);
     source.create_database("db")?;
@@ -100,13 +112,7 @@ fn a_source_older_than_the_target_moves_equal() -> anyhow::Result<()> {
 
 #[test]
 fn a_target_newer_than_the_source_moves_equal() -> anyhow::Result<()> {
-    let (source, target) = std::thread::scope(|s| {
-        let a = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        let b = s.spawn(|| cluster_of(17));
-        (a.join(), b.join())
-    });
-    let source = source.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??;
-    let target = target.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??;
+    let (source, target) = pair(None, Some(17))?;
     assert_eq!(server_version(&target)?, 17);
     assert!(server_version(&source)? < 17);
     source.create_database("db")?;
@@ -132,13 +138,7 @@ fn a_target_newer_than_the_source_moves_equal() -> anyhow::Result<()> {
 /// version and what to install, before anything is written.
 #[test]
 fn a_source_newer_than_every_pg_dump_is_refused_naming_what_to_install() -> anyhow::Result<()> {
-    let (source, target) = std::thread::scope(|s| {
-        let a = s.spawn(|| cluster_of(17));
-        let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
-        (a.join(), b.join())
-    });
-    let source = source.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??;
-    let target = target.map_err(|_| anyhow::anyhow!("cluster thread panicked"))??;
+    let (source, target) = pair(Some(17), None)?;
     source.create_database("db")?;
     source.psql(
         "db",

@@ -108,14 +108,7 @@ async fn register_loop(config: ReceiverConfig, shutdown: CancellationToken) {
             }
         };
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
-    let incarnation = format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    );
+    let incarnation = haul_core::state::incarnation();
     let mut backoff = Duration::from_millis(200);
     let mut registered = false;
     loop {

@@ -77,14 +77,7 @@ impl Shared {
             leases: std::sync::Mutex::new(HashMap::new()),
             finalized: Mutex::new(HashMap::new()),
             shapes: Default::default(),
-            incarnation: format!(
-                "{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos())
-                    .unwrap_or(0)
-            ),
+            incarnation: haul_core::state::incarnation(),
         })
     }
 
