@@ -24,6 +24,20 @@ FROM generate_series(1, 30) AS g;
 ANALYZE;
 ";
 
+/// `haul copy` from `source` into `target` with `extra` flags and `failpoints` armed.
+fn copy_armed(
+    source: &str,
+    target: &str,
+    extra: &[&str],
+    failpoints: &str,
+) -> std::io::Result<std::process::Output> {
+    std::process::Command::new(common::procs::HAUL)
+        .args(["copy", "--source", source, "--target", target])
+        .args(extra)
+        .env("HAUL_FAILPOINTS", failpoints)
+        .output()
+}
+
 fn run(args: &[&str]) -> (bool, String) {
     let out = haul(args);
     (
@@ -133,16 +147,12 @@ fn a_chunk_changed_after_commit_fails_the_job_naming_it() -> anyhow::Result<()> 
          INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 1000) AS g;",
     )?;
     target.create_database("db")?;
-    let out = std::process::Command::new(common::procs::HAUL)
-        .args([
-            "copy",
-            "--source",
-            &source.url("db"),
-            "--target",
-            &target.url("db"),
-        ])
-        .env("HAUL_FAILPOINTS", "alter-after-commit")
-        .output()?;
+    let out = copy_armed(
+        &source.url("db"),
+        &target.url("db"),
+        &[],
+        "alter-after-commit",
+    )?;
     let line = failure_line(&out);
     assert!(
         line.contains("chunk(s) whose rows differ") && line.contains("public.t chunk 1 (whole)"),
@@ -169,18 +179,12 @@ fn a_page_split_table_is_compared_whole_against_its_chunks() -> anyhow::Result<(
     )?;
     target.create_database("db")?;
     let copy = |db: &str, failpoints: &str| {
-        std::process::Command::new(common::procs::HAUL)
-            .args([
-                "copy",
-                "--source",
-                &source.url("db"),
-                "--target",
-                &target.url(db),
-                "--chunk-size",
-                "512kB",
-            ])
-            .env("HAUL_FAILPOINTS", failpoints)
-            .output()
+        copy_armed(
+            &source.url("db"),
+            &target.url(db),
+            &["--chunk-size", "512kB"],
+            failpoints,
+        )
     };
     let out = copy("db", "")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -214,18 +218,12 @@ fn a_key_split_table_that_differs_is_drilled_down_to_its_chunk() -> anyhow::Resu
          INSERT INTO big SELECT g, repeat('v' || g, 10) FROM generate_series(1, 30000) AS g; ANALYZE;",
     )?;
     target.create_database("db")?;
-    let out = std::process::Command::new(common::procs::HAUL)
-        .args([
-            "copy",
-            "--source",
-            &source.url("db"),
-            "--target",
-            &target.url("db"),
-            "--chunk-size",
-            "256kB",
-        ])
-        .env("HAUL_FAILPOINTS", "alter-after-commit")
-        .output()?;
+    let out = copy_armed(
+        &source.url("db"),
+        &target.url("db"),
+        &["--chunk-size", "256kB"],
+        "alter-after-commit",
+    )?;
     let line = failure_line(&out);
     assert!(
         line.contains("chunk(s) whose rows differ") && line.contains("public.big chunk"),

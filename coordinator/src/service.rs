@@ -54,6 +54,13 @@ pub struct CoordinatorService {
 }
 
 impl Inner {
+    /// Write a job record and flush it before the caller acknowledges anything: plans, phase
+    /// changes and failures must survive a crash right after the reply.
+    async fn save(&self, record: &crate::job::JobRecord) -> Result<(), Status> {
+        self.store.put_record(record).map_err(to_status)?;
+        self.store.flush().await.map_err(to_status)
+    }
+
     /// Expire leases that were not renewed in time, once a second, whoever is polling. Why a
     /// ticker: a sender that cannot reach us (stalled link) also cannot poll, so expiry must not
     /// depend on polls.
@@ -494,8 +501,7 @@ impl Coordinator for CoordinatorService {
             .store
             .put_chunks(&record.id, &chunks)
             .map_err(to_status)?;
-        self.inner.store.put_record(&record).map_err(to_status)?;
-        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.save(&record).await?;
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::Empty {}))
     }
@@ -641,8 +647,7 @@ impl Coordinator for CoordinatorService {
         }
         let record = job.record.clone();
         drop(st);
-        self.inner.store.put_record(&record).map_err(to_status)?;
-        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.save(&record).await?;
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::Empty {}))
     }
@@ -668,8 +673,7 @@ impl Coordinator for CoordinatorService {
         tracing::info!(job = %job.record.id, "done");
         let record = job.record.clone();
         drop(st);
-        self.inner.store.put_record(&record).map_err(to_status)?;
-        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.save(&record).await?;
         Ok(Response::new(pb::Empty {}))
     }
 
@@ -702,8 +706,7 @@ impl Coordinator for CoordinatorService {
         job.record.finalize_leased = false;
         let record = job.record.clone();
         drop(st);
-        self.inner.store.put_record(&record).map_err(to_status)?;
-        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.save(&record).await?;
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::Empty {}))
     }
@@ -912,8 +915,7 @@ impl Coordinator for CoordinatorService {
                 .put_chunk(&record.id, &c)
                 .map_err(to_status)?;
         }
-        self.inner.store.put_record(&record).map_err(to_status)?;
-        self.inner.store.flush().await.map_err(to_status)?;
+        self.inner.save(&record).await?;
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::Empty {}))
     }

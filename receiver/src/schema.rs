@@ -105,6 +105,29 @@ pub async fn preflight_large_objects(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which of `names` the target's catalog view `view` has no row for (by its `column`), sorted.
+async fn absent(
+    client: &Client,
+    names: &[&str],
+    view: &str,
+    column: &str,
+    what: &str,
+) -> anyhow::Result<Vec<String>> {
+    Ok(client
+        .query(
+            &format!(
+                "SELECT n FROM unnest($1::text[]) AS n \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.{view} a WHERE a.{column} = n) ORDER BY 1"
+            ),
+            &[&names],
+        )
+        .await
+        .with_context(|| format!("look up {what} on the target"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// Refuse a target that cannot create an extension the source uses, naming every one missing,
 /// before anything is written: pg_dump's pre-data creates them, and the first missing one
 /// would otherwise fail the schema halfway.
@@ -112,17 +135,15 @@ pub async fn preflight_extensions(client: &Client, names: &[String]) -> anyhow::
     if names.is_empty() {
         return Ok(());
     }
-    let missing: Vec<String> = client
-        .query(
-            "SELECT e FROM unnest($1::text[]) AS e \
-             WHERE NOT EXISTS (SELECT 1 FROM pg_available_extensions a WHERE a.name = e) ORDER BY 1",
-            &[&names],
-        )
-        .await
-        .context("look up extensions available on the target")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let missing = absent(
+        client,
+        &names,
+        "pg_available_extensions",
+        "name",
+        "extensions",
+    )
+    .await?;
     if !missing.is_empty() {
         return Err(fatal(format!(
             "the target server cannot create extensions the source uses: {}; install their packages on the target's server, then run the move again",
@@ -144,17 +165,7 @@ pub async fn preflight_roles(
         return Ok(Vec::new());
     }
     let names: Vec<&str> = roles.iter().map(|r| r.name.as_str()).collect();
-    let missing: Vec<String> = client
-        .query(
-            "SELECT r FROM unnest($1::text[]) AS r \
-             WHERE NOT EXISTS (SELECT 1 FROM pg_roles a WHERE a.rolname = r) ORDER BY 1",
-            &[&names],
-        )
-        .await
-        .context("look up roles on the target")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let missing = absent(client, &names, "pg_roles", "rolname", "roles").await?;
     if missing.is_empty() {
         return Ok(Vec::new());
     }
