@@ -42,7 +42,8 @@ pub enum Command {
     /// Move a database on one host: all three roles in this process, still over mTLS on loopback.
     Copy(CopyArgs),
     /// Compare two databases chunk by chunk (row digests), and their large objects and
-    /// sequences; exits non-zero on any difference.
+    /// sequences, or a finished job's source and target through its agents (--coordinator);
+    /// exits non-zero on any difference.
     Verify(VerifyArgs),
     /// Throwaway clusters, sample data, a whole move across three processes, verified.
     Demo(DemoArgs),
@@ -274,6 +275,16 @@ pub struct VerifyArgs {
     pub source: Option<String>,
     #[arg(long, value_name = "URL", env = "HAUL_TARGET")]
     pub target: Option<String>,
+    /// Verify a finished job through its agents instead: the coordinator, HOST:PORT (its
+    /// sender reads the source, its receiver the target; no URL is needed here).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["source", "target", "chunk_size", "no_owner", "no_privileges"])]
+    pub coordinator: Option<String>,
+    /// With --coordinator: the directory with ca.pem and the operator's certificate and key.
+    #[arg(long, value_name = "DIR", requires = "coordinator")]
+    pub certs: Option<PathBuf>,
+    /// With --coordinator: the job to verify; default the latest.
+    #[arg(long, requires = "coordinator")]
+    pub job: Option<String>,
     /// Only these tables: comma-separated globs on schema.table or table.
     #[arg(long, value_name = "PATTERN")]
     pub tables: Option<String>,

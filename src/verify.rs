@@ -7,6 +7,10 @@
 //!
 //! Both URLs are used in this one process, like `copy`. The databases should be quiet (after
 //! the move, before writes resume): each chunk is read in its own transaction on each side.
+//!
+//! With `--coordinator`, a finished job is compared instead through its agents: the job's own
+//! chunks are the pieces, a sender reads the source and the receiver the target
+//! (`haul_sender::compare`), and this process only follows the run, as an operator.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -20,19 +24,21 @@ use haul_core::pg::{DbUrl, Side};
 use haul_core::row_digest::ShapeCache;
 use haul_core::status::fatal;
 
-use crate::agents::required;
-use crate::cli::VerifyArgs;
-use crate::operator::{jobs_flag, table_patterns, DEFAULT_CHUNK};
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-/// One comparison to make: a table's rows in `range`.
-struct Piece {
-    id: u64,
-    table: TableName,
-    columns: Vec<haul_core::chunk::Column>,
-    range: Range,
-}
+use haul_proto as pb;
+use haul_sender::compare::{compare, LocalTarget, Piece, Progress, TargetReader};
+
+use crate::agents::{parse_dial, required};
+use crate::cli::VerifyArgs;
+use crate::operator::{client, jobs_flag, table_patterns, DEFAULT_CHUNK};
 
 pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if a.coordinator.is_some() {
+        return through_agents(a).await;
+    }
     let source = DbUrl::parse(&required(a.source, "source")?, Side::Source)?;
     let target = DbUrl::parse(&required(a.target, "target")?, Side::Target)?;
     let chunk_bytes = parse_size(a.chunk_size.as_deref().unwrap_or(DEFAULT_CHUNK))
@@ -101,98 +107,74 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     drop(src);
     drop(dst);
 
-    let total = pieces.len();
-    let queue = Arc::new(tokio::sync::Mutex::new(pieces));
-    let (src_shapes, dst_shapes) = (
-        Arc::new(ShapeCache::default()),
-        Arc::new(ShapeCache::default()),
-    );
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..jobs.min(total.max(1) as u32) {
-        let (queue, source, target) = (queue.clone(), source.clone(), target.clone());
-        let (src_shapes, dst_shapes) = (src_shapes.clone(), dst_shapes.clone());
-        workers.spawn(async move {
-            let s = source.connect("haul-verify").await?;
-            let d = target.connect("haul-verify").await?;
-            let mut found = Vec::new();
-            let mut rows = 0u64;
-            loop {
-                let next = queue.lock().await.pop();
-                let Some(p) = next else {
-                    return anyhow::Ok((found, rows));
-                };
-                let (a, b) = tokio::join!(
-                    chunk_rows::digest(&s, &src_shapes, &p.table, &p.columns, &p.range, meta),
-                    chunk_rows::digest(&d, &dst_shapes, &p.table, &p.columns, &p.range, meta)
-                );
-                let a = a?;
-                match b {
-                    Ok(b) => {
-                        if !large_object::is_large_objects(&p.table) {
-                            rows += a.rows;
-                        }
-                        if let Some(m) = chunk_rows::mismatch(&p.table, p.id, &p.range, &a, &b) {
-                            found.push(m);
-                        }
-                    }
-                    Err(e) => found.push(format!("{} chunk {}: {e:#}", p.table, p.id)),
-                }
+    let total = pieces.len() as u64;
+    let progress = Arc::new(Progress::default());
+    let shapes = Arc::new(ShapeCache::default());
+    let open = {
+        let target = target.clone();
+        move || {
+            let (target, shapes) = (target.clone(), shapes.clone());
+            async move {
+                Ok(Box::new(LocalTarget::open(&target, shapes).await?) as Box<dyn TargetReader>)
             }
-        });
-    }
-    let mut rows = 0u64;
-    while let Some(r) = workers.join_next().await {
-        let (found, n) = r.map_err(|e| anyhow::anyhow!("verify worker ended: {e}"))??;
-        differences.extend(found);
-        rows += n;
-    }
+        }
+    };
+    differences.extend(compare(&source, pieces, jobs, meta, open, progress.clone()).await?);
 
     // Sequences: their values on both sides.
     let src = source.connect("haul-verify").await?;
     let dst = target.connect("haul-verify").await?;
     let seqs = haul_sender::catalog::sequences(&src).await?;
-    for s in &seqs {
-        let name = format!(
-            "{}.{}",
-            haul_core::ident::quote_ident(&s.schema),
-            haul_core::ident::quote_ident(&s.name)
-        );
-        let there = dst
-            .query_opt(&format!("SELECT last_value, is_called FROM {name}"), &[])
-            .await;
-        match there {
-            Ok(Some(r)) => {
-                let (v, c): (i64, bool) = (r.get(0), r.get(1));
-                if v != s.last_value || c != s.is_called {
-                    differences.push(format!(
-                        "sequence {}.{}: source {} (called {}), target {v} (called {c})",
-                        s.schema, s.name, s.last_value, s.is_called
-                    ));
-                }
-            }
-            _ => differences.push(format!(
-                "sequence {}.{}: missing on the target",
-                s.schema, s.name
-            )),
-        }
-    }
+    let names: Vec<TableName> = seqs
+        .iter()
+        .map(|v| TableName::new(v.schema.clone(), v.name.clone()))
+        .collect();
+    let there = haul_core::sequence::values(&dst, &names).await?;
+    differences.extend(haul_core::sequence::differences(&seqs, &there));
 
-    differences.sort();
     let data_tables = tables
         .iter()
         .filter(|t| !large_object::is_large_objects(&t.table))
-        .count();
+        .count() as u32;
+    Ok(outcome(
+        differences,
+        Summary {
+            tables: data_tables,
+            large_objects: tables.len() as u32 > data_tables,
+            pieces: total,
+            rows: progress.rows.load(Ordering::Relaxed),
+            sequences: seqs.len() as u32,
+        },
+    ))
+}
+
+/// What was compared, for the line that says it was equal.
+struct Summary {
+    tables: u32,
+    large_objects: bool,
+    pieces: u64,
+    rows: u64,
+    sequences: u32,
+}
+
+/// Print the result: one "verified" line naming what was compared, or one line per difference
+/// and a non-zero exit.
+fn outcome(mut differences: Vec<String>, s: Summary) -> ExitCode {
+    differences.sort();
     if differences.is_empty() {
         println!(
-            "verified   {data_tables} tables in {total} chunks ({rows} rows{}) and {} sequences: equal",
-            if tables.len() > data_tables {
+            "verified   {} tables in {} chunks ({} rows{}) and {} sequences: equal",
+            s.tables,
+            s.pieces,
+            s.rows,
+            if s.large_objects {
                 " and large objects"
             } else {
                 ""
             },
-            seqs.len()
+            s.sequences
         );
-        return Ok(ExitCode::SUCCESS);
+        return ExitCode::SUCCESS;
     }
     for d in &differences {
         println!("MISMATCH   {d}");
@@ -201,5 +183,94 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         "haul: verify found {} difference(s) between source and target",
         differences.len()
     );
-    Ok(ExitCode::FAILURE)
+    ExitCode::FAILURE
+}
+
+/// A finished job compared again by its agents, followed from here until the run ends.
+async fn through_agents(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let coordinator = parse_dial(&required(a.coordinator, "coordinator")?, "coordinator")?;
+    let certs = required(a.certs, "certs")?;
+    let jobs = match a.jobs {
+        Some(_) => jobs_flag(a.jobs)?,
+        None => 0,
+    };
+    let mut c = client(&coordinator, &certs).await?;
+    let started = c
+        .start_verify(pb::StartVerifyRequest {
+            job_id: a.job.unwrap_or_default(),
+            tables: table_patterns(a.tables.as_deref()),
+            jobs,
+        })
+        .await
+        .map_err(|s| fatal(s.message().to_string()))?
+        .into_inner();
+    eprintln!(
+        "verifying job {} through its agents: {} chunks of {} tables{}",
+        started.job_id,
+        started.pieces,
+        started.tables,
+        if started.large_objects {
+            " and large objects"
+        } else {
+            ""
+        }
+    );
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_line = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let s = c
+            .verify_status(pb::VerifyStatusRequest {
+                verify_id: started.verify_id.clone(),
+            })
+            .await
+            .map_err(|s| fatal(s.message().to_string()))?
+            .into_inner();
+        if terminal && matches!(s.state.as_str(), "done" | "failed") {
+            eprintln!();
+        }
+        match s.state.as_str() {
+            "done" => {
+                return Ok(outcome(
+                    s.mismatches,
+                    Summary {
+                        tables: s.tables,
+                        large_objects: s.large_objects,
+                        pieces: s.pieces,
+                        rows: s.rows,
+                        sequences: s.sequences,
+                    },
+                ))
+            }
+            "failed" => {
+                return Err(fatal(format!(
+                    "verify of job {} could not finish: {}",
+                    s.job_id, s.error
+                )))
+            }
+            _ => {}
+        }
+        if terminal || last_line.elapsed() >= Duration::from_secs(5) {
+            last_line = std::time::Instant::now();
+            let state = if s.state == "waiting" {
+                "waiting for a sender".to_string()
+            } else {
+                format!("{} by {}", s.state, s.agent)
+            };
+            let error = if s.error.is_empty() {
+                String::new()
+            } else {
+                format!("  (retrying after: {})", s.error)
+            };
+            let line = format!(
+                "verify {}: {state}, {}/{} chunks, {} rows{error}",
+                s.job_id, s.pieces_done, s.pieces, s.rows
+            );
+            if terminal {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    }
 }

@@ -237,3 +237,123 @@ fn a_key_split_table_that_differs_is_drilled_down_to_its_chunk() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// `haul verify --coordinator`: a finished job compared again by its own agents (the sender
+/// reads the source, the receiver the target; the operator's process holds no URL), with every
+/// difference named down to the job's chunk.
+#[test]
+fn a_finished_job_is_verified_through_its_agents_down_to_the_chunk() -> anyhow::Result<()> {
+    let m = common::moves::start(common::moves::Setup {
+        chunk_size: Some("4MB"),
+        bwlimit: Some("200MB"),
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    m.finish()?;
+    let verify = |extra: &[&str]| {
+        let mut args = vec!["verify", "--coordinator", &m.coord, "--certs", &m.certs];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, out) = verify(&[]);
+    assert!(ok, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("verified"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("and large objects") && line.contains("sequences: equal"),
+        "{out}"
+    );
+
+    // A changed row and a deleted row in two chunks of the split table, a changed large
+    // object, a sequence set back.
+    m.target.psql(
+        haul_faults::moves::DB,
+        "UPDATE public.big_events SET payload = 'changed' WHERE id = 1000; \
+         DELETE FROM public.big_events WHERE id = 1200000; \
+         SELECT lo_put(910003, 0, '\\x00'); \
+         SELECT setval('public.fresh_seq', 99);",
+    )?;
+    let (ok, out) = verify(&[]);
+    assert!(!ok, "{out}");
+    let mismatches: Vec<&str> = out.lines().filter(|l| l.starts_with("MISMATCH")).collect();
+    let big: Vec<&&str> = mismatches
+        .iter()
+        .filter(|l| l.contains("public.big_events chunk"))
+        .collect();
+    assert_eq!(big.len(), 2, "{out}");
+    assert!(big.iter().any(|l| l.contains("contents differ")), "{out}");
+    assert!(
+        mismatches.iter().any(|l| l.contains("large objects chunk")),
+        "{out}"
+    );
+    assert!(
+        mismatches
+            .iter()
+            .any(|l| l.contains("sequence public.fresh_seq")),
+        "{out}"
+    );
+    assert_eq!(mismatches.len(), 4, "{out}");
+
+    // --tables limits the comparison (and leaves large objects and sequences out).
+    let (ok, out) = verify(&["--tables", "public.customers"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("verified   1 tables"), "{out}");
+
+    // A job that is not there: one line naming it, non-zero.
+    let out = haul(&[
+        "verify",
+        "--coordinator",
+        &m.coord,
+        "--certs",
+        &m.certs,
+        "--job",
+        "no-such-job",
+    ]);
+    assert!(!out.status.success());
+    assert_eq!(failure_line(&out), "haul: no job no-such-job");
+    Ok(())
+}
+
+/// A verify run whose sender dies in the middle goes to the sender's new process, from the
+/// start, and the operator's `haul verify` still ends with the result.
+#[test]
+fn a_verify_run_outlives_the_sender_carrying_it() -> anyhow::Result<()> {
+    let mut m = common::moves::start(common::moves::Setup {
+        chunk_size: Some("4MB"),
+        bwlimit: Some("200MB"),
+        drop_ledger: true,
+        failpoints: Some("die-in-verify"),
+        ..Default::default()
+    })?;
+    m.finish()?;
+    let verify = std::process::Command::new(common::procs::HAUL)
+        .args(["verify", "--coordinator", &m.coord, "--certs", &m.certs])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !m.sender.exited() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the sender never died in the verify run:\n{}",
+            m.sender.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(m
+        .sender
+        .log_text()
+        .contains("failpoint die-in-verify fired"));
+    m.sender.restart()?;
+    let out = verify.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("sequences: equal"), "{text}");
+    Ok(())
+}

@@ -7,6 +7,7 @@
 mod job;
 mod service;
 mod store;
+mod verify_run;
 
 use std::path::PathBuf;
 use std::sync::Arc;

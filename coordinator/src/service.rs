@@ -19,6 +19,7 @@ use crate::job::{
     MAX_FINALIZE_ATTEMPTS,
 };
 use crate::store::Store;
+use crate::verify_run::VerifyRun;
 
 /// How long a poll waits for work before answering Idle. Long polls keep hand-out latency low
 /// without a busy loop; short enough that a sender notices shutdown quickly.
@@ -38,6 +39,8 @@ pub struct State {
     epoch_base: u64,
     agents: HashMap<String, Agent>,
     next_receiver: usize,
+    /// Finished jobs being compared again, oldest first (in memory only: see `verify_run`).
+    verifies: Vec<VerifyRun>,
 }
 
 pub struct Inner {
@@ -115,6 +118,7 @@ impl Inner {
                 epoch_base: generation << 32,
                 agents: HashMap::new(),
                 next_receiver: 0,
+                verifies: Vec::new(),
             }),
             work: Notify::new(),
             lease_timeout,
@@ -157,6 +161,17 @@ impl State {
     /// The next task for `agent`, if any.
     fn next_task(&mut self, agent: &str, lease_timeout: Duration) -> Option<pb::sender_task::Task> {
         let receiver = self.pick_receiver();
+        let timeout_ms = lease_timeout.as_millis() as u64;
+        if let Some(v) = self.verifies.iter_mut().find(|v| v.available(timeout_ms)) {
+            v.holder = Some(agent.to_string());
+            v.last_report_ms = now_ms();
+            let mut task = v.task.clone();
+            // Any live receiver of the target will do; the job's may have moved since.
+            if let Some(addr) = receiver.clone() {
+                task.receiver_addr = addr;
+            }
+            return Some(pb::sender_task::Task::Verify(task));
+        }
         for j in self.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
             if j.record.snapshot_lost {
                 // Nothing of this job can be read until a sender exports a new snapshot.
@@ -330,6 +345,14 @@ impl Coordinator for CoordinatorService {
             }
             if !changed_chunks.is_empty() {
                 tracing::info!(agent = %id, chunks = changed_chunks.len(), "the receiver restarted; its pending read-backs count as not compared");
+            }
+        }
+        if who.role == Role::Sender && restarted {
+            // A new process carries none of its predecessor's verify runs.
+            for v in st.verifies.iter_mut() {
+                if v.holder.as_deref() == Some(id.as_str()) {
+                    v.holder = None;
+                }
             }
         }
         if who.role == Role::Sender {
@@ -794,6 +817,35 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::Empty {}))
     }
 
+    async fn report_verify(
+        &self,
+        req: Request<pb::VerifyReport>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        let who = haul_certs::require(&req, &[Role::Sender])?;
+        let id = agent_id(who.role, &who.name);
+        let r = req.into_inner();
+        let mut st = self.inner.state.lock().await;
+        let Some(v) = st
+            .verifies
+            .iter_mut()
+            .find(|v| v.task.verify_id == r.verify_id)
+        else {
+            return Err(Status::not_found(format!(
+                "no verify run {} (the coordinator restarted since)",
+                r.verify_id
+            )));
+        };
+        if !r.error.is_empty() {
+            tracing::warn!(verify = %r.verify_id, agent = %id, "failed to verify: {}", r.error);
+        } else if r.finished {
+            tracing::info!(verify = %r.verify_id, mismatches = r.mismatches.len(), "verify run done");
+        }
+        v.report(&id, r);
+        drop(st);
+        self.inner.work.notify_waiters();
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn check_lease(
         &self,
         req: Request<pb::LeaseRef>,
@@ -945,6 +997,90 @@ impl Coordinator for CoordinatorService {
         self.inner.work.notify_waiters();
         tracing::info!(job = %id, "job started");
         Ok(Response::new(pb::StartJobReply { job_id: id }))
+    }
+
+    async fn start_verify(
+        &self,
+        req: Request<pb::StartVerifyRequest>,
+    ) -> Result<Response<pb::StartVerifyReply>, Status> {
+        haul_certs::require(&req, &[Role::Operator])?;
+        let r = req.into_inner();
+        let mut st = self.inner.state.lock().await;
+        let job = if r.job_id.is_empty() {
+            st.jobs.last()
+        } else {
+            st.jobs.iter().find(|j| j.record.id == r.job_id)
+        };
+        let Some(job) = job else {
+            return Err(Status::not_found(if r.job_id.is_empty() {
+                "the coordinator has no jobs to verify; start one with `haul start`".to_string()
+            } else {
+                format!("no job {}", r.job_id)
+            }));
+        };
+        if !job.record.phase.is_over() || job.chunks.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "job {} is {}; verify it through its agents once it is done (`haul status --wait`)",
+                job.record.id,
+                job.record.phase.as_str()
+            )));
+        }
+        let cutoff = now_ms().saturating_sub(30_000);
+        let live = |role: Role| {
+            st.agents
+                .values()
+                .any(|a| a.role == role && a.last_seen_ms >= cutoff)
+        };
+        for (role, beside) in [(Role::Sender, "source"), (Role::Receiver, "target")] {
+            if !live(role) {
+                return Err(Status::failed_precondition(format!(
+                    "no {} is connected to the coordinator; verifying job {} through its agents needs a {} beside the {beside} (or use --source and --target)",
+                    role.as_str(),
+                    job.record.id,
+                    role.as_str()
+                )));
+            }
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let run = VerifyRun::new(id.clone(), job, &r.tables, r.jobs);
+        if run.task.pieces.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "no table of job {} matches --tables {}",
+                job.record.id,
+                r.tables.join(",")
+            )));
+        }
+        let reply = pb::StartVerifyReply {
+            verify_id: id.clone(),
+            job_id: run.task.job_id.clone(),
+            pieces: run.task.pieces.len() as u64,
+            tables: run.tables,
+            large_objects: run.large_objects,
+        };
+        tracing::info!(verify = %id, job = %reply.job_id, pieces = reply.pieces, "verify run started");
+        st.verifies.push(run);
+        drop(st);
+        self.inner.work.notify_waiters();
+        Ok(Response::new(reply))
+    }
+
+    async fn verify_status(
+        &self,
+        req: Request<pb::VerifyStatusRequest>,
+    ) -> Result<Response<pb::VerifyStatusReply>, Status> {
+        haul_certs::require(&req, &[Role::Operator])?;
+        let r = req.into_inner();
+        let st = self.inner.state.lock().await;
+        st.verifies
+            .iter()
+            .find(|v| v.task.verify_id == r.verify_id)
+            .map(|v| Response::new(v.status()))
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no verify run {}: the coordinator restarted since and forgot it; run haul verify again",
+                    r.verify_id
+                ))
+            })
     }
 
     async fn job_status(

@@ -126,6 +126,57 @@ impl Receiver for ReceiverService {
             .map(Response::new)
             .map_err(to_status)
     }
+
+    async fn digest_chunk(
+        &self,
+        req: Request<pb::DigestChunkRequest>,
+    ) -> Result<Response<pb::DigestChunkReply>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let r = req.into_inner();
+        let piece = async {
+            let table = table_from_wire(r.table.as_ref())?;
+            let columns: Vec<Column> = r
+                .columns
+                .iter()
+                .map(Column::from_wire)
+                .collect::<anyhow::Result<_>>()?;
+            let range = haul_core::chunk::Range::from_wire(r.range.as_ref())?;
+            anyhow::Ok((table, columns, range))
+        };
+        let (table, columns, range) = piece
+            .await
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let meta = haul_core::large_object::Metadata {
+            owner: r.large_object_owner,
+            privileges: r.large_object_privileges,
+        };
+        let d = self
+            .read_back(&table, &columns, &range, meta)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DigestChunkReply {
+            rows: d.rows,
+            row_digest: d.to_bytes(),
+        }))
+    }
+
+    async fn read_sequences(
+        &self,
+        req: Request<pb::ReadSequencesRequest>,
+    ) -> Result<Response<pb::ReadSequencesReply>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let names: Vec<TableName> = req
+            .into_inner()
+            .sequences
+            .iter()
+            .map(TableName::from)
+            .collect();
+        let client = self.inner.pool.get().await.map_err(to_status)?;
+        let values = haul_core::sequence::values(&client, &names)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ReadSequencesReply { values }))
+    }
 }
 
 impl ReceiverService {

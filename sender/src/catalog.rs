@@ -277,38 +277,9 @@ pub async fn sequences(client: &Client) -> anyhow::Result<Vec<haul_proto::Sequen
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    let mut out = Vec::with_capacity(names.len());
-    // One round trip per few hundred sequences rather than one each.
-    for batch in names.chunks(200) {
-        let sql = batch
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                format!(
-                    "SELECT {i}, last_value::int8, is_called FROM {}",
-                    n.quoted()
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
-        let rows = client
-            .query(&sql, &[])
-            .await
-            .context("read source sequence values")?;
-        for r in rows {
-            let i: i32 = r.get(0);
-            let Some(name) = batch.get(i as usize) else {
-                continue;
-            };
-            out.push(haul_proto::SequenceValue {
-                schema: name.schema.clone(),
-                name: name.name.clone(),
-                last_value: r.get(1),
-                is_called: r.get(2),
-            });
-        }
-    }
-    Ok(out)
+    haul_core::sequence::values(client, &names)
+        .await
+        .context("read source sequence values")
 }
 
 /// Materialized views that are populated on the source, to be refreshed on the target.

@@ -6,11 +6,15 @@
 //! - **chunk**: read one chunk inside that snapshot with binary COPY, cut it into blocks,
 //!   compress and hash them, and stream them to the receiver named in the lease;
 //! - **finalize**: read sequences and the source side of verification in the snapshot, and
-//!   ask the receiver to run post-data and the target side.
+//!   ask the receiver to run post-data and the target side;
+//! - **verify**: compare a finished job's source with its target again, piece by piece, the
+//!   target side read by the receiver (`compare`).
 //!
-//! Invariant: every byte read for a job is read under the job's one exported snapshot.
+//! Invariant: every byte moved for a job is read under the job's one exported snapshot. The
+//! verify task moves nothing and reads the source as it is now.
 
 pub mod catalog;
+pub mod compare;
 mod dump;
 mod finalize;
 mod peers;

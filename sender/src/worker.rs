@@ -306,6 +306,12 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                     report_failure(&shared, "clean up after", &job, 0, 0, e).await;
                 }
             }
+            Some(pb::sender_task::Task::Verify(v)) => {
+                let (id, job) = (v.verify_id.clone(), v.job_id.clone());
+                if let Err(e) = crate::compare::run_task(&shared, v).await {
+                    tracing::warn!(verify = %id, %job, "failed to verify the finished job: {e:#}");
+                }
+            }
         }
     }
 }

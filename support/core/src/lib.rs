@@ -16,6 +16,7 @@ pub mod large_object;
 pub mod pg;
 pub mod row_digest;
 pub mod schema_script;
+pub mod sequence;
 pub mod state;
 pub mod status;
 
