@@ -571,6 +571,7 @@ impl Coordinator for CoordinatorService {
         let chunk = job.chunks[index].clone();
         let phase_changed = job.all_done() && job.record.phase == Phase::Copying;
         if phase_changed {
+            tracing::info!(job = %job.record.id, chunks = job.chunks.len(), "every chunk applied; finalizing");
             job.record.phase = Phase::Finalizing;
         }
         // Only a phase change rewrites (and flushes) the job record; a chunk is one small key.

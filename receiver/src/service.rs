@@ -713,6 +713,7 @@ impl ReceiverService {
         let job = req.job_id.as_str();
         let client = target.connect("haul-finalize").await?;
         let done = ledger::steps_applied(&client, job).await?;
+        let began = std::time::Instant::now();
         let post_path = self.inner.spool.schema_path(job, "post");
         let post_objects = match tokio::fs::read_to_string(&post_path).await {
             Ok(text) => {
@@ -720,7 +721,12 @@ impl ReceiverService {
                 let n =
                     schema::apply_post(target, &script, req.parallel.max(1) as usize, job, &done)
                         .await?;
-                tracing::info!(job, post_objects = n, "post-data in");
+                tracing::info!(
+                    job,
+                    post_objects = n,
+                    secs = began.elapsed().as_secs_f32(),
+                    "post-data in"
+                );
                 n
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -755,9 +761,18 @@ impl ReceiverService {
             owner: req.large_object_owner,
             privileges: req.large_object_privileges,
         };
+        let digests_began = std::time::Instant::now();
         let (row_digests, chunk_mismatches) = self
             .table_row_digests(&req.expect, meta, req.parallel.max(1) as usize)
             .await?;
+        if !req.expect.is_empty() {
+            tracing::info!(
+                job,
+                tables = req.expect.len(),
+                secs = digests_began.elapsed().as_secs_f32(),
+                "tables digested whole on the target"
+            );
+        }
         haul_core::failpoint::die("die-after-digests");
         haul_core::failpoint::stall("stall-after-digests").await;
         // The spool (post-data script included) stays until cleanup: a finalize run again

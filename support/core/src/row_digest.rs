@@ -148,9 +148,17 @@ enum State {
     Done,
 }
 
-/// Incremental parser of a binary COPY stream that folds each row into a [`RowDigest`].
+/// Incremental parser of a binary COPY stream that folds each row into a [`RowDigest`]. A
+/// row's hash covers its bytes as COPY sends them (field count, then each field's length and
+/// bytes, so the encoding delimits itself), with the type OIDs inside values zeroed. A row
+/// that lies whole in one piece of input is hashed in place; one cut by a piece boundary is
+/// gathered field by field into the same bytes.
 pub struct CopyDigest {
     shapes: Vec<Shape>,
+    /// No column holds type OIDs: a row's bytes are hashed as they are.
+    all_scalar: bool,
+    /// A whole row copied out to zero the OIDs inside it (fast path, some shapes not scalar).
+    scratch: Vec<u8>,
     state: State,
     /// Bytes of a length or header not yet complete, or of a held field.
     pending: Vec<u8>,
@@ -166,7 +174,9 @@ impl CopyDigest {
     /// `shapes` has one entry per copied column, in COPY order.
     pub fn new(shapes: Vec<Shape>) -> CopyDigest {
         CopyDigest {
+            all_scalar: shapes.iter().all(Shape::is_scalar),
             shapes,
+            scratch: Vec::new(),
             state: State::Header,
             pending: Vec::new(),
             row: RowHasher::default(),
@@ -208,17 +218,26 @@ impl CopyDigest {
                     self.state = State::Tuple;
                 }
                 State::Tuple => {
+                    // Fast path: rows that lie whole in this piece are hashed where they lie.
+                    if self.pending.is_empty() {
+                        if let Some(len) = whole_row(input)? {
+                            self.hash_row(&input[..len])?;
+                            input = &input[len..];
+                            continue;
+                        }
+                    }
                     if !self.fill(&mut input, 2) {
                         continue;
                     }
                     let n = i16::from_be_bytes([self.pending[0], self.pending[1]]);
-                    self.pending.clear();
                     if n == -1 {
+                        self.pending.clear();
                         self.state = State::Done;
                     } else if n < 0 {
                         bail!("binary COPY tuple with {n} fields");
                     } else {
-                        self.row.update(&(n as u16).to_le_bytes());
+                        self.row.update(&self.pending);
+                        self.pending.clear();
                         self.state = self.next_field(0, n as usize);
                     }
                 }
@@ -227,16 +246,14 @@ impl CopyDigest {
                         continue;
                     }
                     let len = be_i32(&self.pending);
-                    self.pending.clear();
                     if len < -1 {
                         bail!("binary COPY field with length {len}");
                     }
+                    self.row.update(&self.pending);
+                    self.pending.clear();
                     if len == -1 {
-                        self.row.update(&[0xff]);
                         self.state = self.next_field(i + 1, n);
                     } else {
-                        self.row.update(&[0x01]);
-                        self.row.update(&(len as u32).to_le_bytes());
                         self.state = if len == 0 {
                             self.next_field(i + 1, n)
                         } else {
@@ -283,6 +300,37 @@ impl CopyDigest {
         Ok(())
     }
 
+    /// Fold one whole row (as [`whole_row`] measured it) into the digest: its bytes as they
+    /// are, or a copy with the OIDs inside its values zeroed.
+    fn hash_row(&mut self, row: &[u8]) -> anyhow::Result<()> {
+        if self.all_scalar {
+            self.digest.add_hash(xxhash_rust::xxh3::xxh3_128(row));
+            return Ok(());
+        }
+        let mut b = std::mem::take(&mut self.scratch);
+        b.clear();
+        b.extend_from_slice(row);
+        let n = i16::from_be_bytes([b[0], b[1]]) as usize;
+        let mut at = 2;
+        for i in 0..n {
+            let len = be_i32(&b[at..at + 4]);
+            at += 4;
+            if len > 0 {
+                let end = at + len as usize;
+                let shape = self.shape(i);
+                if !shape.is_scalar() {
+                    let shape = shape.clone();
+                    normalize(&mut b[at..end], &shape)
+                        .with_context(|| format!("column {} of a row", i + 1))?;
+                }
+                at = end;
+            }
+        }
+        self.digest.add_hash(xxhash_rust::xxh3::xxh3_128(&b));
+        self.scratch = b;
+        Ok(())
+    }
+
     /// The state after field `i - 1`; a row is complete after its last field.
     fn next_field(&mut self, i: usize, n: usize) -> State {
         if i < n {
@@ -306,6 +354,34 @@ impl CopyDigest {
     pub fn rows(&self) -> u64 {
         self.digest.rows
     }
+}
+
+/// The length of the row at the start of `input` when all of it is there (its field count,
+/// then each field's length and bytes); `None` when it runs past the end, or when `input`
+/// starts with the trailer (the slow path handles both).
+fn whole_row(input: &[u8]) -> anyhow::Result<Option<usize>> {
+    let Some(head) = input.get(..2) else {
+        return Ok(None);
+    };
+    let n = i16::from_be_bytes([head[0], head[1]]);
+    if n < 0 {
+        return Ok(None);
+    }
+    let mut at = 2usize;
+    for _ in 0..n {
+        let Some(l) = input.get(at..at + 4) else {
+            return Ok(None);
+        };
+        let len = be_i32(l);
+        if len < -1 {
+            bail!("binary COPY field with length {len}");
+        }
+        at += 4 + len.max(0) as usize;
+        if at > input.len() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(at))
 }
 
 /// A bounds-checked reader over one value's bytes.
@@ -640,6 +716,61 @@ mod tests {
             1,
         );
         assert_ne!(swapped, digest(&stream(&[a]), shapes(), 1));
+    }
+
+    #[test]
+    fn rows_cut_by_piece_boundaries_hash_as_whole_rows_do() {
+        // Whole rows take the fast path; a piece of 1..13 bytes cuts every row somewhere.
+        let rows: Vec<Vec<Option<Vec<u8>>>> = (0..40)
+            .map(|i: i32| {
+                vec![
+                    Some(i.to_be_bytes().to_vec()),
+                    (i % 3 != 0).then(|| int_array(23 + i as u32, &[i, i + 1])),
+                    (i % 5 != 0).then(|| vec![b'x'; i as usize]),
+                ]
+            })
+            .collect();
+        let bytes = stream(&rows);
+        for shapes in [
+            vec![
+                Shape::Scalar,
+                Shape::Array(Box::new(Shape::Scalar)),
+                Shape::Scalar,
+            ],
+            vec![Shape::Scalar; 3],
+        ] {
+            let whole = digest(&bytes, shapes.clone(), bytes.len());
+            for piece in 1..14 {
+                assert_eq!(
+                    digest(&bytes, shapes.clone(), piece),
+                    whole,
+                    "piece {piece}"
+                );
+            }
+            assert_eq!(whole.rows, 40);
+        }
+        // Zeroed element OIDs: the arrays above differ only in them.
+        let a = digest(
+            &stream(&rows[1..2]),
+            vec![
+                Shape::Scalar,
+                Shape::Array(Box::new(Shape::Scalar)),
+                Shape::Scalar,
+            ],
+            1000,
+        );
+        let mut other = rows[1..2].to_vec();
+        other[0][1] = Some(int_array(999, &[1, 2]));
+        let b = digest(
+            &stream(&other),
+            vec![
+                Shape::Scalar,
+                Shape::Array(Box::new(Shape::Scalar)),
+                Shape::Scalar,
+            ],
+            1000,
+        );
+        assert_eq!(a, b);
     }
 
     #[test]
