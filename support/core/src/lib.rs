@@ -15,6 +15,7 @@ pub mod ident;
 pub mod large_object;
 pub mod pg;
 pub mod row_digest;
+pub mod schedule;
 pub mod schema_script;
 pub mod sequence;
 pub mod state;
