@@ -77,6 +77,8 @@ pub async fn coordinator(a: CoordinatorArgs, shutdown: CancellationToken) -> any
             "--http: the web dashboard is not available in this version; use `haul status`"
         );
     }
+    let time_zone_name = a.time_zone.unwrap_or_else(|| "UTC".to_string());
+    let time_zone = haul_coordinator::time_zone(&time_zone_name)?;
     let tls = load_tls(&certs, Role::Coordinator, "coordinator")?;
     let listener = bind(listen, "coordinator").await?;
     tracing::info!(
@@ -88,6 +90,8 @@ pub async fn coordinator(a: CoordinatorArgs, shutdown: CancellationToken) -> any
             state_dir: state,
             tls,
             lease_timeout,
+            time_zone,
+            time_zone_name,
         },
         listener,
         shutdown,

@@ -39,6 +39,8 @@ pub enum Command {
     Start(StartArgs),
     /// Show a job's progress and result.
     Status(StatusArgs),
+    /// Change a running job's bandwidth cap: a rate, off, or a timetable.
+    Bwlimit(BwlimitArgs),
     /// Move a database on one host: all three roles in this process, still over mTLS on loopback.
     Copy(CopyArgs),
     /// Compare two databases chunk by chunk (row digests), and their large objects and
@@ -107,6 +109,10 @@ pub struct CoordinatorArgs {
     /// A chunk lease not renewed within this long goes to another sender, e.g. 60s (the default).
     #[arg(long, value_name = "DURATION")]
     pub lease_timeout: Option<String>,
+    /// The time zone bandwidth timetables are read in (IANA name, e.g. Europe/Berlin); UTC by
+    /// default.
+    #[arg(long, value_name = "NAME")]
+    pub time_zone: Option<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -183,7 +189,9 @@ pub struct JobArgs {
     /// auto, zstd, zstd:LEVEL, lz4 or none.
     #[arg(long)]
     pub codec: Option<String>,
-    /// Cap on wire bytes per second per sender, e.g. 50MB, 400Mbit; 0 = none.
+    /// One cap on wire bytes per second for the whole job, divided among its senders: a rate
+    /// (50MB, 400Mbit), off, or a timetable such as
+    /// "Mon-Fri 08:00,200Mbit 19:00,off; Sat-Sun off" (in the coordinator's time zone).
     #[arg(long, value_name = "RATE")]
     pub bwlimit: Option<String>,
     /// Only these tables: comma-separated globs on schema.table or table.
@@ -250,6 +258,23 @@ pub struct StatusArgs {
     /// Follow progress until the job ends.
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct BwlimitArgs {
+    /// The coordinator to talk to, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    /// Directory with ca.pem and the operator's certificate and key.
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Job id; default the latest.
+    #[arg(long)]
+    pub job: Option<String>,
+    /// A rate (200Mbit, 25MB), off, or a timetable such as
+    /// "Mon-Fri 08:00,200Mbit 19:00,off; Sat-Sun off" (in the coordinator's time zone).
+    #[arg(value_name = "RATE|off|TIMETABLE")]
+    pub spec: String,
 }
 
 #[derive(Args, Debug, Default)]

@@ -62,6 +62,8 @@ pub async fn run(a: CopyArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
             state_dir: dir.join("coordinator"),
             tls: load_tls(&certs, Role::Coordinator, "coordinator")?,
             lease_timeout: Duration::from_secs(60),
+            time_zone: haul_coordinator::time_zone("UTC")?,
+            time_zone_name: "UTC".to_string(),
         };
         let token = agents.clone();
         tasks.spawn(async move {

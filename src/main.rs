@@ -32,6 +32,7 @@ fn main() -> ExitCode {
         | Command::Verify(_)
         | Command::Start(_)
         | Command::Status(_)
+        | Command::Bwlimit(_)
         | Command::Certs(_) => "warn",
         _ => "info",
     };
@@ -126,6 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sender(a) => agents::sender(a, shutdown).await.map(|_| ExitCode::SUCCESS),
         Command::Start(a) => operator::start(a).await,
         Command::Status(a) => operator::status(a).await,
+        Command::Bwlimit(a) => operator::bwlimit(a).await,
         Command::Copy(a) => copy::run(a, shutdown).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Demo(a) => demo::run(a, shutdown).await,

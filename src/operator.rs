@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use haul_certs::Role;
-use haul_core::bandwidth::{parse_rate, parse_size};
+use haul_core::bandwidth::{parse_size, show_rate};
 use haul_core::codec::CodecChoice;
 use haul_core::status::fatal;
 use haul_proto as pb;
@@ -15,7 +15,7 @@ use haul_proto::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use crate::agents::{load_tls, parse_dial, required};
-use crate::cli::{JobArgs, StartArgs, StatusArgs};
+use crate::cli::{BwlimitArgs, JobArgs, StartArgs, StatusArgs};
 
 pub const DEFAULT_CHUNK: &str = "256MB";
 
@@ -27,9 +27,15 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         .parse()
         .map_err(|e: anyhow::Error| fatal(format!("--codec: {e}")))?;
     let (codec, level) = codec.resolve().to_wire();
-    let bw = match &a.bwlimit {
-        Some(s) => parse_rate(s).map_err(|e| fatal(format!("--bwlimit: {e}")))?,
-        None => 0,
+    let bwlimit = a.bwlimit.clone().unwrap_or_default();
+    let schedule =
+        haul_core::schedule::Schedule::parse(if bwlimit.is_empty() { "off" } else { &bwlimit })
+            .map_err(|e| fatal(format!("--bwlimit: {e:#}")))?;
+    // A constant cap also goes as bytes, for coordinators from before timetables.
+    let bw = if schedule.is_constant() {
+        schedule.at(0).bytes_per_sec
+    } else {
+        0
     };
     let chunk = parse_size(a.chunk_size.as_deref().unwrap_or(DEFAULT_CHUNK))
         .map_err(|e| fatal(format!("--chunk-size: {e}")))?;
@@ -40,6 +46,7 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         zstd_level: level,
         chunk_bytes: chunk,
         bwlimit_bytes: bw,
+        bwlimit,
         create_schema: !a.no_schema,
         verify: !a.no_verify,
         tables,
@@ -93,6 +100,24 @@ pub async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let end = follow(&mut c, &job_id).await?;
     print_summary(&end);
     Ok(exit_code(&end))
+}
+
+/// `haul bwlimit`: change a running job's cap; every sender follows within about a second.
+pub async fn bwlimit(a: BwlimitArgs) -> anyhow::Result<ExitCode> {
+    let coordinator = parse_dial(&required(a.coordinator, "coordinator")?, "coordinator")?;
+    let certs = required(a.certs, "certs")?;
+    haul_core::schedule::Schedule::parse(&a.spec).map_err(|e| fatal(format!("{e:#}")))?;
+    let mut c = client(&coordinator, &certs).await?;
+    let r = c
+        .set_bandwidth(pb::SetBandwidthRequest {
+            job_id: a.job.unwrap_or_default(),
+            spec: a.spec,
+        })
+        .await
+        .map_err(|s| fatal(s.message().to_string()))?
+        .into_inner();
+    println!("job {}: cap now {}", r.job_id, r.cap);
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -250,6 +275,16 @@ pub fn progress_line(s: &pb::JobStatusReply) -> String {
         human_bytes(rate as u64),
         eta
     );
+    if s.cap_bytes_per_sec > 0 && s.phase == "copying" {
+        line.push_str(&format!(
+            "  wire {} of cap {}",
+            show_rate(s.wire_rate as u64)
+                .split(" (")
+                .next()
+                .unwrap_or_default(),
+            show_rate(s.cap_bytes_per_sec)
+        ));
+    }
     if !s.error.is_empty() && s.phase != "failed" {
         line.push_str(&format!("  ({})", s.error));
     }
@@ -394,6 +429,7 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "large_objects_checked": s.large_objects_checked,
         "chunks_checked": s.chunks_checked, "chunk_mismatches": s.chunk_mismatches,
         "table_progress": tables, "mismatches": mismatches,
+        "cap_bytes_per_sec": s.cap_bytes_per_sec, "cap": s.cap, "wire_rate": s.wire_rate,
     })
     .to_string()
 }

@@ -58,6 +58,10 @@ pub struct Options {
     pub create_roles: bool,
     #[serde(default)]
     pub role_passwords: bool,
+    /// The job's cap as written (a rate, off, or a timetable); empty in records from before
+    /// timetables, whose cap is `bwlimit_bytes`.
+    #[serde(default)]
+    pub bwlimit: String,
 }
 
 impl From<&haul_proto::JobOptions> for Options {
@@ -76,6 +80,7 @@ impl From<&haul_proto::JobOptions> for Options {
             no_privileges: o.no_privileges,
             create_roles: o.create_roles,
             role_passwords: o.role_passwords,
+            bwlimit: o.bwlimit.clone(),
         }
     }
 }
@@ -96,7 +101,13 @@ impl Options {
             no_privileges: self.no_privileges,
             create_roles: self.create_roles,
             role_passwords: self.role_passwords,
+            bwlimit: self.bwlimit.clone(),
         }
+    }
+
+    /// The cap spec in force for the job.
+    pub fn cap_spec(&self) -> String {
+        crate::cap::spec_of(&self.bwlimit, self.bwlimit_bytes)
     }
 }
 
@@ -287,6 +298,8 @@ pub struct Job {
     pub done: usize,
     /// When leases were last checked for expiry (they are checked at most once a second).
     pub expiry_checked_ms: u64,
+    /// The cap's shares and the achieved rate (memory only).
+    pub cap: crate::cap::CapState,
 }
 
 impl Job {
@@ -322,6 +335,7 @@ impl Job {
             chunks: Vec::new(),
             done: 0,
             expiry_checked_ms: 0,
+            cap: Default::default(),
         }
     }
 
@@ -340,6 +354,14 @@ impl Job {
             self.record.error = message.into();
             self.record.finished_unix_ms = now_ms();
         }
+    }
+
+    /// Leases out now, with any sender.
+    pub fn leases_out(&self) -> usize {
+        self.chunks
+            .iter()
+            .filter(|c| matches!(&c.state, ChunkState::Leased { .. }))
+            .count()
     }
 
     pub fn leases_held_by(&self, agent: &str) -> usize {

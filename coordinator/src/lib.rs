@@ -4,6 +4,7 @@
 //!
 //! Invariant: the coordinator never touches payload bytes and holds no database credentials.
 
+mod cap;
 mod job;
 mod service;
 mod store;
@@ -26,6 +27,18 @@ pub struct CoordinatorConfig {
     pub tls: Mtls,
     /// A lease not reported within this long goes to another sender.
     pub lease_timeout: Duration,
+    /// Where timetables of caps are evaluated, and its name as status shows it.
+    pub time_zone: jiff::tz::TimeZone,
+    pub time_zone_name: String,
+}
+
+/// The time zone `name` (IANA, e.g. Europe/Berlin, or UTC), from the database built into haul.
+pub fn time_zone(name: &str) -> anyhow::Result<jiff::tz::TimeZone> {
+    jiff::tz::TimeZone::get(name).map_err(|e| {
+        haul_core::status::fatal(format!(
+            "--time-zone {name:?}: {e}; use an IANA name such as UTC or Europe/Berlin"
+        ))
+    })
 }
 
 /// Serve on `listener` until `shutdown` is cancelled.
@@ -35,7 +48,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = store::Store::open(&config.state_dir)?;
-    let inner = Arc::new(service::Inner::new(store, config.lease_timeout)?);
+    let inner = Arc::new(service::Inner::new(
+        store,
+        config.lease_timeout,
+        config.time_zone.clone(),
+        config.time_zone_name.clone(),
+    )?);
     let svc = pb::coordinator_server::CoordinatorServer::new(service::CoordinatorService {
         inner: inner.clone(),
     })

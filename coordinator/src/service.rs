@@ -41,6 +41,9 @@ pub struct State {
     next_receiver: usize,
     /// Finished jobs being compared again, oldest first (in memory only: see `verify_run`).
     verifies: Vec<VerifyRun>,
+    /// Where timetables are evaluated.
+    time_zone: jiff::tz::TimeZone,
+    time_zone_name: String,
 }
 
 pub struct Inner {
@@ -90,7 +93,12 @@ impl Inner {
         }
     }
 
-    pub fn new(store: Store, lease_timeout: Duration) -> anyhow::Result<Inner> {
+    pub fn new(
+        store: Store,
+        lease_timeout: Duration,
+        time_zone: jiff::tz::TimeZone,
+        time_zone_name: String,
+    ) -> anyhow::Result<Inner> {
         let mut jobs = store.load()?;
         let generation = store.next_generation()?;
         // Leases from a previous run stand, with a fresh timeout: a holder that is still alive
@@ -119,6 +127,8 @@ impl Inner {
                 agents: HashMap::new(),
                 next_receiver: 0,
                 verifies: Vec::new(),
+                time_zone,
+                time_zone_name,
             }),
             work: Notify::new(),
             lease_timeout,
@@ -136,6 +146,14 @@ impl State {
             .iter_mut()
             .find(|j| j.record.id == id)
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    /// The cap in force for `job` now (bytes per second, 0 = none) and its line for people.
+    fn cap_now(&self, job: &Job) -> (u64, String) {
+        let minute = crate::cap::minute_now(&self.time_zone);
+        let (now, text) =
+            crate::cap::in_force(&job.record.options.cap_spec(), minute, &self.time_zone_name);
+        (now.bytes_per_sec, text)
     }
 
     /// A live receiver's address, round robin.
@@ -161,6 +179,7 @@ impl State {
     /// The next task for `agent`, if any.
     fn next_task(&mut self, agent: &str, lease_timeout: Duration) -> Option<pb::sender_task::Task> {
         let receiver = self.pick_receiver();
+        let minute = crate::cap::minute_now(&self.time_zone);
         let timeout_ms = lease_timeout.as_millis() as u64;
         if let Some(v) = self.verifies.iter_mut().find(|v| v.available(timeout_ms)) {
             v.holder = Some(agent.to_string());
@@ -221,18 +240,31 @@ impl State {
                             agent: agent.to_string(),
                             since_unix_ms: now_ms(),
                         };
-                        let t = &j.tables[c.table];
+                        let (chunk_id, epoch, range, est_bytes, table) =
+                            (c.id, c.epoch, c.range.to_wire(), c.est_bytes, c.table);
+                        // This sender's share of the job's cap, with this lease counted.
+                        let cap = crate::cap::in_force(
+                            &j.record.options.cap_spec(),
+                            minute,
+                            &self.time_zone_name,
+                        )
+                        .0
+                        .bytes_per_sec;
+                        let (mine, out) = (j.leases_held_by(agent), j.leases_out());
+                        let mut options = j.record.options.to_wire();
+                        options.bwlimit_bytes = j.cap.grant(agent, cap, mine, out);
+                        let t = &j.tables[table];
                         return Some(pb::sender_task::Task::Chunk(pb::ChunkLease {
                             job_id: j.record.id.clone(),
-                            chunk_id: c.id,
-                            epoch: c.epoch,
+                            chunk_id,
+                            epoch,
                             snapshot_id: j.record.snapshot_id.clone(),
                             table: Some(t.table.to_wire()),
                             columns: t.columns.iter().map(Column::to_wire).collect(),
-                            range: Some(c.range.to_wire()),
+                            range: Some(range),
                             receiver_addr: receiver,
-                            options: Some(j.record.options.to_wire()),
-                            est_bytes: c.est_bytes,
+                            options: Some(options),
+                            est_bytes,
                             renew_ms: (lease_timeout.as_millis() / 4).clamp(200, 15_000) as u32,
                             first_lease,
                         }));
@@ -787,7 +819,31 @@ impl Coordinator for CoordinatorService {
                 revoked.push(l);
             }
         }
-        Ok(Response::new(pb::RenewReply { revoked }))
+        for b in &r.sent {
+            if let Some(j) = st.jobs.iter_mut().find(|j| j.record.id == b.job_id) {
+                j.cap.record_sent(now, b.wire_bytes);
+            }
+        }
+        // This sender's share of each job's cap, by the leases it holds now.
+        let minute = crate::cap::minute_now(&st.time_zone);
+        let tz = st.time_zone_name.clone();
+        let mut rates = Vec::new();
+        for j in st.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+            let mine = j.leases_held_by(&id);
+            if mine == 0 {
+                j.cap.release(&id);
+                continue;
+            }
+            let cap = crate::cap::in_force(&j.record.options.cap_spec(), minute, &tz)
+                .0
+                .bytes_per_sec;
+            let out = j.leases_out();
+            rates.push(pb::JobRate {
+                job_id: j.record.id.clone(),
+                bytes_per_sec: j.cap.grant(&id, cap, mine, out),
+            });
+        }
+        Ok(Response::new(pb::RenewReply { revoked, rates }))
     }
 
     async fn report_check(
@@ -1000,6 +1056,46 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::StartJobReply { job_id: id }))
     }
 
+    async fn set_bandwidth(
+        &self,
+        req: Request<pb::SetBandwidthRequest>,
+    ) -> Result<Response<pb::SetBandwidthReply>, Status> {
+        haul_certs::require(&req, &[Role::Operator])?;
+        let r = req.into_inner();
+        haul_core::schedule::Schedule::parse(&r.spec)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        let mut st = self.inner.state.lock().await;
+        let index = if r.job_id.is_empty() {
+            st.jobs.len().checked_sub(1)
+        } else {
+            st.jobs.iter().position(|j| j.record.id == r.job_id)
+        };
+        let Some(index) = index else {
+            return Err(Status::not_found(if r.job_id.is_empty() {
+                "the coordinator has no jobs; start one with `haul start`".to_string()
+            } else {
+                format!("no job {}", r.job_id)
+            }));
+        };
+        if st.jobs[index].record.phase.is_over() {
+            return Err(Status::failed_precondition(format!(
+                "job {} is {}; a cap changes only a job that is still moving",
+                st.jobs[index].record.id,
+                st.jobs[index].record.phase.as_str()
+            )));
+        }
+        st.jobs[index].record.options.bwlimit = r.spec.trim().to_string();
+        let record = st.jobs[index].record.clone();
+        let (_, cap) = st.cap_now(&st.jobs[index]);
+        drop(st);
+        self.inner.save(&record).await?;
+        tracing::info!(job = %record.id, spec = %record.options.bwlimit, %cap, "cap changed");
+        Ok(Response::new(pb::SetBandwidthReply {
+            job_id: record.id,
+            cap,
+        }))
+    }
+
     async fn start_verify(
         &self,
         req: Request<pb::StartVerifyRequest>,
@@ -1103,11 +1199,20 @@ impl Coordinator for CoordinatorService {
                 format!("no job {}", r.job_id)
             }));
         };
-        Ok(Response::new(status_of(
+        let mut reply = status_of(
             job,
             st.agents.values().any(|a| a.role == Role::Receiver),
             r.detail,
-        )))
+        );
+        let (cap, text) = st.cap_now(job);
+        reply.cap_bytes_per_sec = cap;
+        reply.cap = text;
+        reply.wire_rate = if job.record.phase.is_over() {
+            0.0
+        } else {
+            job.cap.rate(now_ms())
+        };
+        Ok(Response::new(reply))
     }
 }
 

@@ -192,6 +192,7 @@ pub async fn run(
     };
     let read = Read {
         shared,
+        job_id: &lease.job_id,
         limiter,
         client,
         table: &table,
@@ -359,6 +360,7 @@ enum Out<'a> {
 /// onto the wire.
 struct Read<'a> {
     shared: &'a Shared,
+    job_id: &'a str,
     limiter: &'a Limiter,
     /// The snapshot reader; none when the chunk comes from a complete stage.
     client: Option<&'a tokio_postgres::Client>,
@@ -547,8 +549,16 @@ impl Read<'_> {
             if done && skip > 0 {
                 return Err(short_source(skip));
             }
-            while block.len() >= haul_core::BLOCK_BYTES || (done && !block.is_empty()) {
-                let take = block.len().min(haul_core::BLOCK_BYTES);
+            // Under a cap, blocks no larger than the limiter's burst: what it meters in one
+            // slice is then also what crosses the wire in one go.
+            let block_bytes = self
+                .limiter
+                .burst_bytes()
+                .map_or(haul_core::BLOCK_BYTES, |b| {
+                    (b as usize).clamp(64 << 10, haul_core::BLOCK_BYTES)
+                });
+            while block.len() >= block_bytes || (done && !block.is_empty()) {
+                let take = block.len().min(block_bytes);
                 let raw = block.split_to(take).freeze();
                 hasher.update(&raw);
                 let raw_len = raw.len() as u32;
@@ -689,6 +699,7 @@ impl Read<'_> {
         self.shared
             .stats
             .add_bytes(raw_len as u64, payload.len() as u64);
+        self.shared.count_sent(self.job_id, payload.len() as u64);
         let block = pb::ChunkBlock { raw_len, payload };
         if self
             .tx

@@ -36,9 +36,11 @@ pub struct Shared {
     pub stats: SenderStats,
     /// Chunks read ahead of the link onto local disk, so a restart does not lose them.
     pub staging: crate::staging::Staging,
-    /// One cap for all of this sender's streams, from the job's options.
-    limiter_rate: AtomicU64,
-    limiter_slot: RwLock<Option<Arc<Limiter>>>,
+    /// This sender's share of each job's cap, one limiter per job shared by all of the job's
+    /// streams here; the coordinator changes the share at every renewal and lease.
+    limiters: std::sync::Mutex<HashMap<String, Arc<Limiter>>>,
+    /// Wire bytes sent for each job since the last renewal, which reports them.
+    sent: std::sync::Mutex<HashMap<String, u64>>,
     /// Snapshots this sender exported, by job. Held until the job is finalized.
     snapshots: Mutex<HashMap<String, Arc<SnapshotHolder>>>,
     agent_id: RwLock<String>,
@@ -70,8 +72,8 @@ impl Shared {
             config,
             peers,
             stats: SenderStats::default(),
-            limiter_rate: AtomicU64::new(0),
-            limiter_slot: RwLock::new(None),
+            limiters: std::sync::Mutex::new(HashMap::new()),
+            sent: std::sync::Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             agent_id: RwLock::new(String::new()),
             leases: std::sync::Mutex::new(HashMap::new()),
@@ -96,18 +98,24 @@ impl Shared {
         self.snapshots.lock().await.remove(job_id);
     }
 
-    /// The limiter for a job's bandwidth cap, shared by every worker of this sender.
-    pub async fn limiter_for(&self, bytes_per_sec: u64) -> Arc<Limiter> {
-        if self.limiter_rate.load(Ordering::Relaxed) == bytes_per_sec {
-            if let Some(l) = self.limiter_slot.read().await.clone() {
-                return l;
-            }
-        }
-        let mut slot = self.limiter_slot.write().await;
-        let l = Arc::new(Limiter::new(bytes_per_sec));
-        *slot = Some(l.clone());
-        self.limiter_rate.store(bytes_per_sec, Ordering::Relaxed);
+    /// The limiter for a job's cap here, set to `bytes_per_sec` (this sender's share now).
+    pub fn limiter_for(&self, job_id: &str, bytes_per_sec: u64) -> Arc<Limiter> {
+        let Ok(mut map) = self.limiters.lock() else {
+            return Arc::new(Limiter::new(bytes_per_sec));
+        };
+        let l = map
+            .entry(job_id.to_string())
+            .or_insert_with(|| Arc::new(Limiter::new(bytes_per_sec)))
+            .clone();
+        l.set_rate(bytes_per_sec);
         l
+    }
+
+    /// Count wire bytes sent for a job, for the next renewal's report.
+    pub fn count_sent(&self, job_id: &str, wire_bytes: u64) {
+        if let Ok(mut m) = self.sent.lock() {
+            *m.entry(job_id.to_string()).or_default() += wire_bytes;
+        }
     }
 
     async fn register(&self, shutdown: &CancellationToken) -> Option<String> {
@@ -218,9 +226,10 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 }
             }
             Some(pb::sender_task::Task::Chunk(lease)) => {
-                let limiter = shared
-                    .limiter_for(lease.options.as_ref().map_or(0, |o| o.bwlimit_bytes))
-                    .await;
+                let limiter = shared.limiter_for(
+                    &lease.job_id,
+                    lease.options.as_ref().map_or(0, |o| o.bwlimit_bytes),
+                );
                 let key = (lease.job_id.clone(), lease.chunk_id);
                 let revoked = CancellationToken::new();
                 if let Ok(mut held) = shared.leases.lock() {
@@ -263,6 +272,13 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             digest_rows: out.row_digest.map_or(0, |d| d.rows),
                             check_pending: out.check_pending,
                         };
+                        tracing::info!(
+                            job = %lease.job_id,
+                            chunk = lease.chunk_id,
+                            rows = out.rows,
+                            wire_bytes = out.wire_bytes,
+                            "chunk applied"
+                        );
                         // Test point: applied on the target, not yet reported.
                         haul_core::failpoint::die("die-before-chunk-report");
                         deliver("report chunk", || {
@@ -370,21 +386,34 @@ async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) {
                     .map(|h| h.renew_ms)
                     .filter(|&ms| ms > 0)
                     .min()
-                    .unwrap_or(1000),
+                    .unwrap_or(1000)
+                    // At least once a second: a changed cap must reach the streams quickly.
+                    .min(1000),
             ),
             Err(_) => (Vec::new(), 1000),
+        };
+        let sent: Vec<pb::JobBytes> = match shared.sent.lock() {
+            Ok(mut m) => m
+                .drain()
+                .map(|(job_id, wire_bytes)| pb::JobBytes { job_id, wire_bytes })
+                .collect(),
+            Err(_) => Vec::new(),
         };
         // Sent even when empty: the list is also how the coordinator learns what we do not hold.
         if !shared.agent_id.read().await.is_empty() {
             match shared
                 .peers
                 .coordinator()
-                .renew_leases(pb::RenewRequest { leases })
+                .renew_leases(pb::RenewRequest { leases, sent })
                 .await
             {
                 Ok(reply) => {
+                    let reply = reply.into_inner();
+                    for r in &reply.rates {
+                        shared.limiter_for(&r.job_id, r.bytes_per_sec);
+                    }
                     if let Ok(held) = shared.leases.lock() {
-                        for r in reply.into_inner().revoked {
+                        for r in reply.revoked {
                             if let Some(h) = held.get(&(r.job_id.clone(), r.chunk_id)) {
                                 if h.epoch == r.epoch {
                                     h.revoked.cancel();

@@ -54,8 +54,11 @@ impl Schedule {
     /// Parse a rate, `off`, or a timetable.
     pub fn parse(spec: &str) -> anyhow::Result<Schedule> {
         let spec = spec.trim();
-        let one_word = !spec.contains(';') && spec.split_whitespace().count() == 1;
-        if one_word && !spec.contains(':') && parse_days(spec).is_err() {
+        // A rate starts with a digit (or is off); a timetable starts with days.
+        let first = spec.split_whitespace().next().unwrap_or_default();
+        let rate_like = first.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+            || ["off", "unlimited"].iter().any(|w| first.eq_ignore_ascii_case(w));
+        if !spec.contains(';') && rate_like {
             return Ok(Schedule::constant(parse_rate(spec)?));
         }
         let mut points: Vec<(u32, u64)> = Vec::new();
