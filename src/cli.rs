@@ -189,6 +189,10 @@ pub struct JobArgs {
     /// auto, zstd, zstd:LEVEL, lz4 or none.
     #[arg(long)]
     pub codec: Option<String>,
+    /// TCP connections from each sender to each receiver, chunk streams spread over them
+    /// (1 to 64); default: the chunks in flight, at most 4.
+    #[arg(long, value_name = "N")]
+    pub connections: Option<u32>,
     /// One cap on wire bytes per second for the whole job, divided among its senders: a rate
     /// (50MB, 400Mbit), off, or a timetable such as
     /// "Mon-Fri 08:00,200Mbit 19:00,off; Sat-Sun off" (in the coordinator's time zone).

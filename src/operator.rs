@@ -40,6 +40,15 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
     let chunk = parse_size(a.chunk_size.as_deref().unwrap_or(DEFAULT_CHUNK))
         .map_err(|e| fatal(format!("--chunk-size: {e}")))?;
     let jobs = jobs_flag(a.jobs)?;
+    let connections = match a.connections {
+        None => 0,
+        Some(n @ 1..=64) => n,
+        Some(n) => {
+            return Err(fatal(format!(
+                "--connections {n} is out of range; use 1 to 64"
+            )))
+        }
+    };
     let tables = table_patterns(a.tables.as_deref());
     Ok(pb::JobOptions {
         codec: codec as i32,
@@ -47,6 +56,7 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         chunk_bytes: chunk,
         bwlimit_bytes: bw,
         bwlimit,
+        connections,
         create_schema: !a.no_schema,
         verify: !a.no_verify,
         tables,

@@ -62,6 +62,9 @@ pub struct Options {
     /// timetables, whose cap is `bwlimit_bytes`.
     #[serde(default)]
     pub bwlimit: String,
+    /// TCP connections per sender-receiver pair (0: haul chooses).
+    #[serde(default)]
+    pub connections: u32,
 }
 
 impl From<&haul_proto::JobOptions> for Options {
@@ -81,6 +84,7 @@ impl From<&haul_proto::JobOptions> for Options {
             create_roles: o.create_roles,
             role_passwords: o.role_passwords,
             bwlimit: o.bwlimit.clone(),
+            connections: o.connections,
         }
     }
 }
@@ -102,6 +106,7 @@ impl Options {
             create_roles: self.create_roles,
             role_passwords: self.role_passwords,
             bwlimit: self.bwlimit.clone(),
+            connections: self.connections,
         }
     }
 

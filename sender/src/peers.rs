@@ -1,6 +1,8 @@
-//! gRPC clients to the coordinator and to receivers. One HTTP/2 connection per peer, reused by
-//! every worker: channels multiplex streams, and a fresh TLS handshake per chunk would cost a
-//! round trip or two on a long link.
+//! gRPC clients to the coordinator and to receivers. A few HTTP/2 connections per receiver,
+//! each reused by many streams: channels multiplex streams, and a fresh TLS handshake per chunk
+//! would cost a round trip or two on a long link. Several connections because one TCP flow on
+//! a long lossy path gets only about MSS / (RTT * sqrt(loss)), whatever the link could carry:
+//! chunk streams are spread over them (`receiver_for`).
 
 use std::collections::HashMap;
 
@@ -13,8 +15,8 @@ use tonic::transport::Channel;
 pub struct Peers {
     tls: Mtls,
     coordinator: Channel,
-    /// Receiver channels by advertised address, made on first use.
-    receivers: Mutex<HashMap<String, Channel>>,
+    /// Receiver channels by advertised address and connection number, made on first use.
+    receivers: Mutex<HashMap<(String, usize), Channel>>,
 }
 
 impl Peers {
@@ -33,13 +35,24 @@ impl Peers {
             .max_encoding_message_size(haul_core::MAX_MESSAGE_BYTES)
     }
 
+    /// The receiver at `addr`, on its first connection (control calls, schema, finalize).
     pub async fn receiver(&self, addr: &str) -> anyhow::Result<ReceiverClient<Channel>> {
+        self.receiver_for(addr, 0).await
+    }
+
+    /// The receiver at `addr` on connection `index` (a TCP connection of its own).
+    pub async fn receiver_for(
+        &self,
+        addr: &str,
+        index: usize,
+    ) -> anyhow::Result<ReceiverClient<Channel>> {
         let mut map = self.receivers.lock().await;
-        let channel = match map.get(addr) {
+        let key = (addr.to_string(), index);
+        let channel = match map.get(&key) {
             Some(c) => c.clone(),
             None => {
                 let c = haul_certs::connect_lazy(addr, &self.tls, Role::Receiver)?;
-                map.insert(addr.to_string(), c.clone());
+                map.insert(key, c.clone());
                 c
             }
         };

@@ -105,7 +105,15 @@ pub async fn run(
         ),
     };
 
-    let mut receiver = shared.peers.receiver(&lease.receiver_addr).await?;
+    // Chunk streams spread over the job's connections to the receiver, by chunk id.
+    let connections = connections_for(lease.options.as_ref());
+    let mut receiver = shared
+        .peers
+        .receiver_for(
+            &lease.receiver_addr,
+            (lease.chunk_id as usize) % connections,
+        )
+        .await?;
     // Ask first only when it can save something: a re-lease (the receiver may hold part or
     // all of the chunk), or a chunk big enough that not re-sending it matters. Either way the
     // target's ledger guarantees it is applied once.
@@ -354,6 +362,16 @@ enum Out<'a> {
         path: &'a Path,
         progress: &'a tokio::sync::watch::Sender<Progress>,
     },
+}
+
+/// How many connections a job's streams use to each receiver: as asked, or the chunks in
+/// flight (at most 4) when left to haul.
+pub fn connections_for(options: Option<&pb::JobOptions>) -> usize {
+    let o = options.cloned().unwrap_or_default();
+    match o.connections {
+        0 => (o.jobs as usize).clamp(1, 4),
+        n => (n as usize).clamp(1, 64),
+    }
 }
 
 /// One read of a chunk: out of the source (onto the wire or into staging), or out of staging

@@ -57,7 +57,9 @@ impl Schedule {
         // A rate starts with a digit (or is off); a timetable starts with days.
         let first = spec.split_whitespace().next().unwrap_or_default();
         let rate_like = first.starts_with(|c: char| c.is_ascii_digit() || c == '.')
-            || ["off", "unlimited"].iter().any(|w| first.eq_ignore_ascii_case(w));
+            || ["off", "unlimited"]
+                .iter()
+                .any(|w| first.eq_ignore_ascii_case(w));
         if !spec.contains(';') && rate_like {
             return Ok(Schedule::constant(parse_rate(spec)?));
         }

@@ -1,6 +1,15 @@
 //! A link emulator: a TCP proxy placed between two haul agents whose faults can be changed
 //! while traffic flows. `tc netem` is not available here, so delay, rate caps, cuts, stalls and
 //! resets are made in user space, per direction, on every forwarded piece.
+//!
+//! The model of a long, shared path:
+//! - a delay line: each piece is forwarded `delay` after it was read, while later pieces keep
+//!   arriving behind it, so a window's worth of bytes is in flight as on a real path;
+//! - a link rate shared by every connection through the link, per direction (the bottleneck);
+//! - a cap per TCP connection, per direction: what one flow gets on a lossy long path
+//!   (about MSS / (RTT * sqrt(loss))), so that several connections can fill what one cannot;
+//! - a bounded queue between reading and forwarding (the bottleneck's buffer): a sender that
+//!   outruns the link is held back by TCP, not buffered here without end.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,8 +22,16 @@ use tokio::net::{TcpListener, TcpStream};
 struct Faults {
     /// One-way delay added to every forwarded piece, in ms.
     delay_ms: AtomicU64,
-    /// Byte-rate cap per direction per connection; 0 = none.
+    /// Link rate per direction, shared by all connections; 0 = none.
     rate: AtomicU64,
+    /// Rate cap per direction of each connection; 0 = none.
+    connection_rate: AtomicU64,
+    /// When the shared link is free again, per direction (ns since `origin`).
+    link_free_up: AtomicU64,
+    link_free_down: AtomicU64,
+    origin: std::sync::OnceLock<tokio::time::Instant>,
+    /// Connections accepted so far.
+    connections: AtomicU64,
     /// Reset every connection once this many more bytes have been forwarded; 0 = never.
     cut_after: AtomicU64,
     /// Hold all traffic (connections stay open).
@@ -61,6 +78,7 @@ impl Link {
                         _ = s.notified() => return,
                         accepted = listener.accept() => {
                             let Ok((client, _)) = accepted else { continue };
+                            f.connections.fetch_add(1, Ordering::SeqCst);
                             tokio::spawn(forward(client, up.clone(), f.clone()));
                         }
                     }
@@ -81,8 +99,22 @@ impl Link {
             .store(one_way.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// The link's rate per direction, shared by every connection through it (0 = none).
     pub fn set_rate(&self, bytes_per_sec: u64) {
         self.faults.rate.store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// A cap per TCP connection per direction (0 = none), alongside the link rate: one flow's
+    /// share of a lossy long path.
+    pub fn set_connection_rate(&self, bytes_per_sec: u64) {
+        self.faults
+            .connection_rate
+            .store(bytes_per_sec, Ordering::SeqCst);
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.faults.connections.load(Ordering::SeqCst)
     }
 
     /// Reset every connection after `bytes` more bytes have crossed (mid-block for big blocks).
@@ -143,6 +175,16 @@ async fn forward(client: TcpStream, upstream: String, f: Arc<Faults>) {
     }
 }
 
+/// A piece read, and when it may leave.
+struct Piece {
+    due: tokio::time::Instant,
+    bytes: Vec<u8>,
+}
+
+/// Pieces between reading and forwarding in one direction: with 16 KiB pieces, 4096 of them
+/// hold 64 MiB, more than a gigabit path of 200 ms keeps in flight.
+const QUEUE_PIECES: usize = 4096;
+
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -150,49 +192,104 @@ async fn pump(
     generation: u64,
     up: bool,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
     let reset = |f: &Faults| f.generation.load(Ordering::SeqCst) != generation;
-    loop {
-        let n = tokio::select! {
-            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
-            _ = wait_for_reset(&f, generation) => break,
-        };
-        while f.stalled.load(Ordering::SeqCst) && !reset(&f) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(QUEUE_PIECES);
+    // The reading side: stamp each piece with when the delay line lets it out.
+    let reader = {
+        let f = f.clone();
+        async move {
+            loop {
+                let mut buf = vec![0u8; 16 * 1024];
+                let n = tokio::select! {
+                    r = from.read(&mut buf) => match r { Ok(0) | Err(_) => break, Ok(n) => n },
+                    _ = wait_for_reset(&f, generation) => break,
+                };
+                buf.truncate(n);
+                let delay = Duration::from_millis(f.delay_ms.load(Ordering::SeqCst));
+                let piece = Piece {
+                    due: tokio::time::Instant::now() + delay,
+                    bytes: buf,
+                };
+                if tx.send(piece).await.is_err() {
+                    break;
+                }
+            }
+            from
         }
-        let delay = f.delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+    };
+    // The forwarding side: wait out the delay, then the link's and the connection's rates.
+    let writer = async {
+        let mut conn_free = tokio::time::Instant::now();
+        while let Some(p) = rx.recv().await {
+            tokio::time::sleep_until(p.due).await;
+            while f.stalled.load(Ordering::SeqCst) && !reset(&f) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let n = p.bytes.len();
+            let mut leave = tokio::time::Instant::now();
+            let per_conn = f.connection_rate.load(Ordering::SeqCst);
+            if per_conn > 0 {
+                conn_free =
+                    conn_free.max(leave) + Duration::from_secs_f64(n as f64 / per_conn as f64);
+                leave = leave.max(conn_free);
+            }
+            let rate = f.rate.load(Ordering::SeqCst);
+            if rate > 0 {
+                leave = leave.max(reserve_link(&f, up, n, rate));
+            }
+            tokio::time::sleep_until(leave).await;
+            if reset(&f) {
+                break;
+            }
+            let total = f.forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            if up {
+                f.forwarded_up.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            let cut = f.cut_after.load(Ordering::SeqCst);
+            if cut > 0 && total >= cut {
+                f.cut_after.store(0, Ordering::SeqCst);
+                // Forward part of this piece, then reset: the cut lands mid-message.
+                let _ = to.write_all(&p.bytes[..n / 2]).await;
+                f.cuts.fetch_add(1, Ordering::SeqCst);
+                f.generation.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
+            if to.write_all(&p.bytes).await.is_err() {
+                break;
+            }
         }
-        let rate = f.rate.load(Ordering::SeqCst);
-        if rate > 0 {
-            tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate as f64)).await;
-        }
-        if reset(&f) {
-            break;
-        }
-        let total = f.forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
-        if up {
-            f.forwarded_up.fetch_add(n as u64, Ordering::SeqCst);
-        }
-        let cut = f.cut_after.load(Ordering::SeqCst);
-        if cut > 0 && total >= cut {
-            f.cut_after.store(0, Ordering::SeqCst);
-            // Forward part of this piece, then reset: the cut lands mid-message.
-            let _ = to.write_all(&buf[..n / 2]).await;
-            f.cuts.fetch_add(1, Ordering::SeqCst);
-            f.generation.fetch_add(1, Ordering::SeqCst);
-            break;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
+        to
+    };
+    let (from, to) = tokio::join!(reader, async {
+        let to = writer.await;
+        // The writer ended (reset, or the far side closed): stop reading too.
+        to
+    });
     // An abrupt end: RST rather than FIN where the socket still allows it. A zero linger does
     // not block on drop (the deprecation is about non-zero lingers).
     if let Ok(stream) = from.reunite(to) {
         #[allow(deprecated)]
         let _ = stream.set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// Reserve `n` bytes of the shared link in one direction; returns when they have crossed it.
+fn reserve_link(f: &Faults, up: bool, n: usize, rate: u64) -> tokio::time::Instant {
+    let origin = *f.origin.get_or_init(tokio::time::Instant::now);
+    let slot = if up {
+        &f.link_free_up
+    } else {
+        &f.link_free_down
+    };
+    let now = origin.elapsed().as_nanos() as u64;
+    let cost = (n as u128 * 1_000_000_000 / rate as u128) as u64;
+    let mut free = slot.load(Ordering::SeqCst);
+    loop {
+        let end = free.max(now) + cost;
+        match slot.compare_exchange(free, end, Ordering::SeqCst, Ordering::SeqCst) {
+            Ok(_) => return origin + Duration::from_nanos(end),
+            Err(actual) => free = actual,
+        }
     }
 }
 

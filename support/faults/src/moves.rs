@@ -79,6 +79,11 @@ pub struct Setup {
     pub codec: Option<&'static str>,
     /// More flags for the receiver.
     pub receiver_args: Vec<&'static str>,
+    /// `haul start --connections` (default: haul's choice).
+    pub connections: Option<&'static str>,
+    /// With `link_to_receiver`: a cap per TCP connection through that link (0 = none), set
+    /// before the job starts.
+    pub link_connection_rate: u64,
     /// Failpoints armed in every role (`HAUL_FAILPOINTS`), each firing once across restarts.
     pub failpoints: Option<&'static str>,
     /// Let the job drop its ledger at the end, as it does by default. Off here unless asked
@@ -138,7 +143,9 @@ impl Move {
         let coord = free_addr();
         let recv = free_addr();
         let to_receiver = if setup.link_to_receiver {
-            Some(Link::start(&recv)?)
+            let l = Link::start(&recv)?;
+            l.set_connection_rate(setup.link_connection_rate);
+            Some(l)
         } else {
             None
         };
@@ -226,6 +233,9 @@ impl Move {
             ];
             if let Some(codec) = setup.codec {
                 args.extend(["--codec", codec]);
+            }
+            if let Some(n) = setup.connections {
+                args.extend(["--connections", n]);
             }
             if !setup.drop_ledger {
                 args.push("--keep-ledger");
