@@ -254,3 +254,70 @@ fn two_senders_share_one_cap_that_changes_while_the_job_runs() -> anyhow::Result
     assert!(failure_line(&out).contains("not a time of day"), "{out:?}");
     Ok(())
 }
+
+/// A capped move measured where it crosses the link: the bytes the link emulator forwards from
+/// sender to receiver, in 1 s windows, stay under the cap (plus the protocol's framing).
+#[test]
+fn a_capped_move_stays_under_its_cap_on_the_wire() -> anyhow::Result<()> {
+    let m = haul_faults::moves::Move::new(haul_faults::moves::Setup {
+        bin: common::procs::HAUL.into(),
+        link_to_receiver: true,
+        bulk_mb: 10,
+        chunk_size: Some("1MB"),
+        jobs: Some("3"),
+        bwlimit: Some("2MB"),
+        codec: Some("none"),
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    let link = m.to_receiver.as_ref().expect("a link to the receiver");
+    // Sample the bytes forwarded every 100 ms until the job is over.
+    let mut samples: Vec<(Instant, u64)> = Vec::new();
+    let t0 = Instant::now();
+    loop {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(90),
+            "the move did not end"
+        );
+        samples.push((Instant::now(), link.forwarded_up()));
+        if samples.len() % 5 == 0 {
+            if let Some(s) = m.status() {
+                if s["phase"] != "copying" && s["phase"] != "planning" {
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    m.finish()?;
+    // Every 1 s window from the first byte on: at most the cap plus 10% (framing, TLS).
+    let first = samples
+        .iter()
+        .position(|s| s.1 > 0)
+        .expect("bytes crossed the link");
+    let mut windows = Vec::new();
+    for i in first..samples.len() {
+        if let Some(j) =
+            (i..samples.len()).find(|&j| samples[j].0 - samples[i].0 >= Duration::from_secs(1))
+        {
+            let secs = (samples[j].0 - samples[i].0).as_secs_f64();
+            windows.push((samples[j].1 - samples[i].1) as f64 / secs);
+        }
+    }
+    anyhow::ensure!(
+        windows.len() >= 20,
+        "too short a move to judge: {windows:?}"
+    );
+    let top = windows.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        top <= 2_000_000.0 * 1.10,
+        "a 1 s window at {top:.0} B/s under a 2 MB/s cap"
+    );
+    // And the cap was used: the move did not crawl.
+    let mean = windows.iter().sum::<f64>() / windows.len() as f64;
+    assert!(
+        mean > 2_000_000.0 * 0.6,
+        "mean {mean:.0} B/s under a 2 MB/s cap"
+    );
+    Ok(())
+}
