@@ -280,7 +280,7 @@ fn a_capped_move_stays_under_its_cap_on_the_wire() -> anyhow::Result<()> {
             "the move did not end"
         );
         samples.push((Instant::now(), link.forwarded_up()));
-        if samples.len() % 5 == 0 {
+        if samples.len().is_multiple_of(5) {
             if let Some(s) = m.status() {
                 if s["phase"] != "copying" && s["phase"] != "planning" {
                     break;

@@ -344,7 +344,7 @@ fn haul_move(
                 changed = Some(t0.elapsed().as_secs_f64());
             }
         }
-        if samples.len() % 5 != 0 && link.is_some() {
+        if !samples.len().is_multiple_of(5) && link.is_some() {
             continue;
         }
         let out = Command::new(bin)
