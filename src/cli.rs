@@ -186,7 +186,7 @@ pub struct JobArgs {
     /// Chunks in flight per sender.
     #[arg(long)]
     pub jobs: Option<u32>,
-    /// auto, zstd, zstd:LEVEL, lz4 or none.
+    /// auto, adaptive (experimental: each sender picks per chunk), zstd, zstd:LEVEL, lz4 or none.
     #[arg(long)]
     pub codec: Option<String>,
     /// TCP connections from each sender to each receiver, chunk streams spread over them

@@ -26,6 +26,7 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         .unwrap_or("auto")
         .parse()
         .map_err(|e: anyhow::Error| fatal(format!("--codec: {e}")))?;
+    let codec_auto = codec == CodecChoice::Adaptive;
     let (codec, level) = codec.resolve().to_wire();
     let bwlimit = a.bwlimit.clone().unwrap_or_default();
     let schedule =
@@ -57,6 +58,7 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         bwlimit_bytes: bw,
         bwlimit,
         connections,
+        codec_auto,
         create_schema: !a.no_schema,
         verify: !a.no_verify,
         tables,
@@ -285,6 +287,9 @@ pub fn progress_line(s: &pb::JobStatusReply) -> String {
         human_bytes(rate as u64),
         eta
     );
+    if !s.codecs.is_empty() && s.phase == "copying" {
+        line.push_str(&format!("  codec {}", s.codecs));
+    }
     if s.cap_bytes_per_sec > 0 && s.phase == "copying" {
         line.push_str(&format!(
             "  wire {} of cap {}",
@@ -319,6 +324,9 @@ pub fn print_summary(s: &pb::JobStatusReply) {
         human_bytes(s.raw_bytes_done),
         human_bytes(s.wire_bytes_done)
     );
+    if !s.codecs.is_empty() {
+        println!("codecs     {} (chunks)", s.codecs);
+    }
     if s.resumed_bytes_done > 0 || s.resent_bytes_done > 0 {
         println!(
             "resumed    {} not sent again after interruptions; {} reached the receiver twice",
@@ -440,6 +448,7 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "chunks_checked": s.chunks_checked, "chunk_mismatches": s.chunk_mismatches,
         "table_progress": tables, "mismatches": mismatches,
         "cap_bytes_per_sec": s.cap_bytes_per_sec, "cap": s.cap, "wire_rate": s.wire_rate,
+        "codecs": s.codecs,
     })
     .to_string()
 }

@@ -49,3 +49,31 @@ fn several_connections_fill_a_path_one_flow_cannot() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// `--codec adaptive` on a slow link: the streams wait on the wire far longer than they compress,
+/// so the sender climbs to a better ratio, and status says which codecs the chunks took.
+#[test]
+fn codec_adaptive_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()> {
+    let m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        link_to_receiver: true,
+        bulk_mb: 32,
+        chunk_size: Some("1MB"),
+        jobs: Some("2"),
+        bwlimit: Some("0"),
+        codec: Some("adaptive"),
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    m.to_receiver
+        .as_ref()
+        .expect("a link to the receiver")
+        .set_rate(1_000_000);
+    let end = m.finish()?;
+    let codecs = end["codecs"].as_str().unwrap_or_default().to_string();
+    assert!(
+        codecs.contains("zstd:6") || codecs.contains("zstd:9"),
+        "codecs used: {codecs}"
+    );
+    Ok(())
+}

@@ -158,8 +158,11 @@ mod tests {
         c.record_sent(1_000, 3_000_000);
         c.record_sent(2_000, 3_000_000);
         assert_eq!(c.rate(2_000), 2_000_000.0);
-        c.record_sent(5_500, 0);
-        assert_eq!(c.rate(5_500), 1_000_000.0);
+        // At 4.5 s the first report is out of the window, the second still in.
+        c.record_sent(4_500, 0);
+        assert_eq!(c.rate(4_500), 1_000_000.0);
+        c.record_sent(9_000, 0);
+        assert_eq!(c.rate(9_000), 0.0);
     }
 
     #[test]

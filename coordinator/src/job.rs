@@ -65,6 +65,8 @@ pub struct Options {
     /// TCP connections per sender-receiver pair (0: haul chooses).
     #[serde(default)]
     pub connections: u32,
+    #[serde(default)]
+    pub codec_auto: bool,
 }
 
 impl From<&haul_proto::JobOptions> for Options {
@@ -85,6 +87,7 @@ impl From<&haul_proto::JobOptions> for Options {
             role_passwords: o.role_passwords,
             bwlimit: o.bwlimit.clone(),
             connections: o.connections,
+            codec_auto: o.codec_auto,
         }
     }
 }
@@ -107,6 +110,7 @@ impl Options {
             role_passwords: self.role_passwords,
             bwlimit: self.bwlimit.clone(),
             connections: self.connections,
+            codec_auto: self.codec_auto,
         }
     }
 
@@ -247,6 +251,9 @@ pub struct Chunk {
     /// The receiver's read-back result came (it may come before the sender's report).
     #[serde(default)]
     pub check_reported: bool,
+    /// The codec the chunk crossed with, as its sender reported.
+    #[serde(default)]
+    pub codec: String,
 }
 
 /// A table to digest whole at the end: its index, the sum of its chunks' digests, and its
@@ -288,6 +295,7 @@ impl Chunk {
             digest_rows: 0,
             check_pending_since_ms: 0,
             check_reported: false,
+            codec: String::new(),
         }
     }
 }
@@ -359,6 +367,20 @@ impl Job {
             self.record.error = message.into();
             self.record.finished_unix_ms = now_ms();
         }
+    }
+
+    /// The codecs done chunks crossed with, most used first: `zstd:6 x12, lz4 x3`.
+    pub fn codecs(&self) -> String {
+        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+        for c in self.chunks.iter().filter(|c| !c.codec.is_empty()) {
+            *counts.entry(c.codec.as_str()).or_default() += 1;
+        }
+        let mut v: Vec<(&str, usize)> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        v.iter()
+            .map(|(c, n)| format!("{c} x{n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Leases out now, with any sender.
@@ -556,6 +578,9 @@ mod tests {
                 no_privileges: false,
                 create_roles: false,
                 role_passwords: false,
+                bwlimit: String::new(),
+                connections: 0,
+                codec_auto: false,
             },
         );
         for i in 0..n {

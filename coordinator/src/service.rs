@@ -592,6 +592,9 @@ impl Coordinator for CoordinatorService {
             let c = &mut job.chunks[index];
             c.row_digest = r.row_digest.clone();
             c.digest_rows = r.digest_rows;
+            if !r.already_applied {
+                c.codec = r.codec.clone();
+            }
             // The receiver's own report of its read-back may have come first; it stands.
             if !c.check_reported {
                 c.checked = r.checked;
@@ -1207,6 +1210,7 @@ impl Coordinator for CoordinatorService {
         let (cap, text) = st.cap_now(job);
         reply.cap_bytes_per_sec = cap;
         reply.cap = text;
+        reply.codecs = job.codecs();
         reply.wire_rate = if job.record.phase.is_over() {
             0.0
         } else {

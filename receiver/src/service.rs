@@ -421,6 +421,7 @@ impl ReceiverService {
             }
         };
 
+        let applying = std::time::Instant::now();
         if haul_core::failpoint::fire("corrupt-spool") {
             spool::flip_a_byte(&path).await;
         }
@@ -548,6 +549,7 @@ impl ReceiverService {
                     .await
             });
         }
+        receipt.apply_ms = applying.elapsed().as_millis() as u64;
         Ok(receipt)
     }
 

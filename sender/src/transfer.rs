@@ -52,6 +52,8 @@ pub struct Outcome {
     pub check_pending: bool,
     /// Our digest of the chunk's rows, when the job verifies and we read them.
     pub row_digest: Option<RowDigest>,
+    /// The codec the chunk crossed with.
+    pub codec: String,
 }
 
 /// The part of a chunk the receiver already holds: its first `bytes` raw bytes, whose blake3
@@ -100,7 +102,7 @@ pub async fn run(
             st.snapshot_id.clone(),
         ),
         None => (
-            Codec::from_wire(options.codec, options.zstd_level)?,
+            shared.codec_for(&lease.job_id, &options)?,
             lease.snapshot_id.clone(),
         ),
     };
@@ -143,6 +145,7 @@ pub async fn run(
                 mismatch: String::new(),
                 check_pending: false,
                 row_digest: None,
+                codec: String::new(),
             });
         }
         // Bytes of two snapshots are never joined in one chunk: only a prefix read under the
@@ -309,6 +312,7 @@ pub async fn run(
     .await
     .ok();
     drop(tx);
+    let handed = Instant::now();
     let receipt = call
         .await
         .context("chunk upload task")?
@@ -319,6 +323,12 @@ pub async fn run(
             )
         })?
         .into_inner();
+    // After the last block: the link's time (the window's worth still crossing, and the
+    // round trip), without the receiver's restore.
+    let transit = handed
+        .elapsed()
+        .saturating_sub(std::time::Duration::from_millis(receipt.apply_ms));
+    shared.tune_send(job_id, 0, transit.as_nanos() as u64);
     shared.staging.remove(job_id, chunk_id).await;
     tracing::debug!(
         chunk = chunk_id, %table, rows = receipt.rows, raw_bytes, wire_bytes,
@@ -337,6 +347,7 @@ pub async fn run(
         mismatch: receipt.mismatch,
         check_pending: receipt.check_pending,
         row_digest: rows,
+        codec: codec.to_string(),
     })
 }
 
@@ -583,14 +594,18 @@ impl Read<'_> {
                 // Compression and the row digest are CPU work: keep them off the async workers.
                 let codec = self.codec;
                 let mut digesting = rows.take();
-                let (payload, digested) = tokio::task::spawn_blocking(move || {
+                let (payload, digested, compress_ns) = tokio::task::spawn_blocking(move || {
                     if let Some(r) = digesting.as_mut() {
                         r.update(&raw).context("digest the chunk's rows")?;
                     }
-                    anyhow::Ok((codec.encode(&raw)?, digesting))
+                    let t = Instant::now();
+                    let payload = codec.encode(&raw)?;
+                    anyhow::Ok((payload, digesting, t.elapsed().as_nanos() as u64))
                 })
                 .await
                 .context("compression task")??;
+                self.shared
+                    .tune_compress(self.job_id, raw_len as u64, compress_ns);
                 rows = digested;
                 raw_bytes += raw_len as u64;
                 wire_bytes += payload.len() as u64;
@@ -713,6 +728,7 @@ impl Read<'_> {
 
     /// One block onto the wire, within the bandwidth cap.
     async fn send_block(&self, raw_len: u32, payload: Vec<u8>) -> anyhow::Result<()> {
+        let waited = Instant::now();
         self.limiter.consume(payload.len()).await;
         self.shared
             .stats
@@ -727,6 +743,13 @@ impl Read<'_> {
         {
             anyhow::bail!("receiver closed the chunk stream early");
         }
+        // Time spent on the cap and the HTTP/2 window: what `--codec adaptive` weighs compression
+        // against.
+        self.shared.tune_send(
+            self.job_id,
+            raw_len as u64,
+            waited.elapsed().as_nanos() as u64,
+        );
         Ok(())
     }
 }

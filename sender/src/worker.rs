@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use haul_core::bandwidth::Limiter;
+use haul_core::codec::Codec;
 use haul_core::status::fatal_message;
 use haul_proto as pb;
 use tokio::sync::{Mutex, RwLock};
@@ -41,6 +42,8 @@ pub struct Shared {
     limiters: std::sync::Mutex<HashMap<String, Arc<Limiter>>>,
     /// Wire bytes sent for each job since the last renewal, which reports them.
     sent: std::sync::Mutex<HashMap<String, u64>>,
+    /// `--codec adaptive`: the codec choice for each job's next chunk here (`core::codec::Tuner`).
+    pub tuners: std::sync::Mutex<HashMap<String, haul_core::codec::Tuner>>,
     /// Snapshots this sender exported, by job. Held until the job is finalized.
     snapshots: Mutex<HashMap<String, Arc<SnapshotHolder>>>,
     agent_id: RwLock<String>,
@@ -74,6 +77,7 @@ impl Shared {
             stats: SenderStats::default(),
             limiters: std::sync::Mutex::new(HashMap::new()),
             sent: std::sync::Mutex::new(HashMap::new()),
+            tuners: std::sync::Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
             agent_id: RwLock::new(String::new()),
             leases: std::sync::Mutex::new(HashMap::new()),
@@ -109,6 +113,39 @@ impl Shared {
             .clone();
         l.set_rate(bytes_per_sec);
         l
+    }
+
+    /// The codec for a job's next chunk: the job's own, or with `--codec adaptive` this sender's
+    /// current choice.
+    pub fn codec_for(&self, job_id: &str, options: &pb::JobOptions) -> anyhow::Result<Codec> {
+        if !options.codec_auto {
+            return Codec::from_wire(options.codec, options.zstd_level);
+        }
+        Ok(self
+            .tuners
+            .lock()
+            .map(|mut t| t.entry(job_id.to_string()).or_default().codec())
+            .unwrap_or(Codec::Zstd {
+                level: haul_core::codec::DEFAULT_ZSTD_LEVEL,
+            }))
+    }
+
+    /// Tell the job's tuner (`--codec adaptive`) that `raw` bytes took `ns` to compress.
+    pub fn tune_compress(&self, job_id: &str, raw: u64, ns: u64) {
+        if let Ok(mut t) = self.tuners.lock() {
+            if let Some(t) = t.get_mut(job_id) {
+                t.compressed(raw, ns);
+            }
+        }
+    }
+
+    /// ... and that `raw` bytes waited `ns` for the wire.
+    pub fn tune_send(&self, job_id: &str, raw: u64, ns: u64) {
+        if let Ok(mut t) = self.tuners.lock() {
+            if let Some(t) = t.get_mut(job_id) {
+                t.sent(raw, ns);
+            }
+        }
     }
 
     /// Count wire bytes sent for a job, for the next renewal's report.
@@ -271,12 +308,14 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                             row_digest: out.row_digest.map(|d| d.to_bytes()).unwrap_or_default(),
                             digest_rows: out.row_digest.map_or(0, |d| d.rows),
                             check_pending: out.check_pending,
+                            codec: out.codec.clone(),
                         };
                         tracing::info!(
                             job = %lease.job_id,
                             chunk = lease.chunk_id,
                             rows = out.rows,
                             wire_bytes = out.wire_bytes,
+                            codec = %out.codec,
                             "chunk applied"
                         );
                         // Test point: applied on the target, not yet reported.

@@ -132,6 +132,7 @@ fn main() -> anyhow::Result<()> {
             gp(h.secs) / gp(p.secs),
             busy,
         );
+        println!("{:<11} haul's chunks crossed as: {}", "", h.codecs);
     }
     if run_it("cap") {
         println!();
@@ -190,6 +191,8 @@ struct Moved {
     windows: Vec<f64>,
     changed_window: usize,
     new_rate_after: Option<f64>,
+    /// The codecs haul's chunks took (`--codec auto`).
+    codecs: String,
 }
 
 fn fresh_target(target: &Cluster) -> anyhow::Result<()> {
@@ -411,6 +414,7 @@ fn haul_move(
         windows,
         changed_window,
         new_rate_after,
+        codecs: status["codecs"].as_str().unwrap_or_default().to_string(),
     })
 }
 
@@ -488,7 +492,7 @@ fn pipe_move(source: &Cluster, target: &Cluster, s: &Scenario) -> anyhow::Result
                     writeln!(conn, "{t}")?;
                     let copy = format!("COPY {t} TO STDOUT");
                     let mut psql = Command::new("psql")
-                        .args(["-X", "-q", &src, "-c", &copy])
+                        .args(["-X", "-q", src, "-c", &copy])
                         .stdout(Stdio::piped())
                         .spawn()?;
                     let mut out = psql.stdout.take().context("psql stdout")?;
@@ -518,6 +522,7 @@ fn pipe_move(source: &Cluster, target: &Cluster, s: &Scenario) -> anyhow::Result
         windows: Vec::new(),
         changed_window: 0,
         new_rate_after: None,
+        codecs: String::new(),
     })
 }
 

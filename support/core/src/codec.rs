@@ -19,11 +19,13 @@ pub enum Codec {
     Lz4,
 }
 
-/// The codec an operator asked for. `auto` resolves to zstd at a level that keeps up with
-/// a gigabit link on one core; adaptive selection is on the roadmap.
+/// The codec an operator asked for. `auto` is zstd at a level that keeps up with a gigabit
+/// link on one core. `adaptive` (experimental) lets each sender choose per chunk ([`Tuner`]);
+/// a receiver needs no level to decode, so the choice is the sender's alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodecChoice {
     Auto,
+    Adaptive,
     Fixed(Codec),
 }
 
@@ -39,6 +41,7 @@ impl FromStr for CodecChoice {
         };
         let codec = match (name, level) {
             ("auto", None) => return Ok(CodecChoice::Auto),
+            ("adaptive", None) => return Ok(CodecChoice::Adaptive),
             ("none", None) => Codec::None,
             ("lz4", None) => Codec::Lz4,
             ("zstd", None) => Codec::Zstd {
@@ -52,7 +55,9 @@ impl FromStr for CodecChoice {
                     .with_context(|| format!("zstd level {l:?} is not a number from 1 to 19"))?;
                 Codec::Zstd { level }
             }
-            _ => bail!("unknown codec {s:?}: use auto, zstd, zstd:LEVEL (1-19), lz4 or none"),
+            _ => bail!(
+                "unknown codec {s:?}: use auto, adaptive, zstd, zstd:LEVEL (1-19), lz4 or none"
+            ),
         };
         Ok(CodecChoice::Fixed(codec))
     }
@@ -61,7 +66,7 @@ impl FromStr for CodecChoice {
 impl CodecChoice {
     pub fn resolve(self) -> Codec {
         match self {
-            CodecChoice::Auto => Codec::Zstd {
+            CodecChoice::Auto | CodecChoice::Adaptive => Codec::Zstd {
                 level: DEFAULT_ZSTD_LEVEL,
             },
             CodecChoice::Fixed(c) => c,
@@ -141,9 +146,148 @@ pub fn decode(codec: Codec, payload: &[u8], raw_len: usize) -> anyhow::Result<Ve
     Ok(out)
 }
 
+/// The codecs `--codec adaptive` chooses among, from cheapest to best ratio.
+pub const LADDER: [Codec; 6] = [
+    Codec::None,
+    Codec::Lz4,
+    Codec::Zstd { level: 1 },
+    Codec::Zstd { level: 3 },
+    Codec::Zstd { level: 6 },
+    Codec::Zstd { level: 9 },
+];
+
+/// Raw bytes observed between two decisions.
+const TUNER_WINDOW: u64 = 8 << 20;
+
+/// `--codec adaptive`: one sender's choice of codec for a job's next chunk, from what its streams
+/// spend per raw byte compressing (CPU) against waiting to send (the link, or the cap). A
+/// stream that waits on the wire much longer than it compresses has CPU to spare for a better
+/// ratio, which makes fewer bytes to wait for: one step up the ladder. One that compresses
+/// much longer than it waits is held back by the CPU: one step down. In between it stays, so
+/// on a fast link it settles on a cheap codec (or none), and on a slow one on the best ratio
+/// the CPU keeps up with. Observations come from every stream of the job on this sender.
+#[derive(Debug, Clone)]
+pub struct Tuner {
+    step: usize,
+    /// Raw bytes compressed and the time it took.
+    compressed_raw: u64,
+    compress_ns: u64,
+    /// Raw bytes sent and the time spent waiting for the wire.
+    sent_raw: u64,
+    send_ns: u64,
+    changes: u64,
+}
+
+impl Default for Tuner {
+    fn default() -> Self {
+        Tuner {
+            // zstd:3 to start with: a fair ratio at a speed most links and CPUs keep up with.
+            step: 3,
+            compressed_raw: 0,
+            compress_ns: 0,
+            sent_raw: 0,
+            send_ns: 0,
+            changes: 0,
+        }
+    }
+}
+
+impl Tuner {
+    /// The codec for the next chunk.
+    pub fn codec(&self) -> Codec {
+        LADDER[self.step]
+    }
+
+    /// `raw` bytes took `ns` to compress.
+    pub fn compressed(&mut self, raw: u64, ns: u64) {
+        self.compressed_raw += raw;
+        self.compress_ns += ns;
+        self.decide();
+    }
+
+    /// `raw` bytes (0: time belonging to bytes already counted, such as the wait for the last
+    /// of a chunk to cross) waited `ns` for the wire: the cap, the HTTP/2 window, the path.
+    pub fn sent(&mut self, raw: u64, ns: u64) {
+        self.sent_raw += raw;
+        self.send_ns += ns;
+        self.decide();
+    }
+
+    /// How many times the choice changed.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Compare what a raw byte costs to compress with what it costs to wait for, once enough
+    /// of both was seen. Per byte, because a staged chunk is compressed well before it is sent.
+    fn decide(&mut self) {
+        if self.compressed_raw < TUNER_WINDOW || self.sent_raw < TUNER_WINDOW {
+            return;
+        }
+        let c = self.compress_ns as f64 / self.compressed_raw as f64;
+        let s = self.send_ns as f64 / self.sent_raw as f64;
+        let before = self.step;
+        if s > 2.0 * c && self.step + 1 < LADDER.len() {
+            self.step += 1;
+        } else if c > 2.0 * s && self.step > 0 {
+            self.step -= 1;
+        }
+        if self.step != before {
+            self.changes += 1;
+            tracing::info!(
+                from = %LADDER[before],
+                to = %LADDER[self.step],
+                compress_ns_per_byte = c,
+                wait_ns_per_byte = s,
+                "codec choice changed (--codec adaptive)"
+            );
+        }
+        *self = Tuner {
+            step: self.step,
+            changes: self.changes,
+            ..Tuner::default()
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tuner_climbs_on_a_slow_link_and_falls_on_a_fast_one() {
+        let mut t = Tuner::default();
+        assert_eq!(t.codec(), Codec::Zstd { level: 3 });
+        // A slow link: each 1 MiB block waits 50 ms to be sent, compresses in 3 ms.
+        for _ in 0..64 {
+            t.sent(1 << 20, 50_000_000);
+            t.compressed(1 << 20, 3_000_000);
+        }
+        assert_eq!(t.codec(), Codec::Zstd { level: 9 }, "top of the ladder");
+        // A fast link: no waiting at all; compression is all the time there is.
+        for _ in 0..64 {
+            t.sent(1 << 20, 10_000);
+            t.compressed(1 << 20, 3_000_000);
+        }
+        assert_eq!(t.codec(), Codec::None);
+        // Balanced: it stays where it is.
+        let at = t.codec();
+        let changes = t.changes();
+        for _ in 0..64 {
+            t.sent(1 << 20, 3_000_000);
+            t.compressed(1 << 20, 2_000_000);
+        }
+        assert_eq!((t.codec(), t.changes()), (at, changes));
+        // A staged chunk: all of it compressed first, then all of it sent, slowly.
+        let mut t = Tuner::default();
+        for _ in 0..16 {
+            t.compressed(1 << 20, 3_000_000);
+        }
+        for _ in 0..16 {
+            t.sent(1 << 20, 40_000_000);
+        }
+        assert_eq!(t.codec(), Codec::Zstd { level: 6 });
+    }
 
     fn sample() -> Vec<u8> {
         (0..200_000u32)
@@ -184,6 +328,7 @@ mod tests {
     fn parses_choices() {
         let table = [
             ("auto", Some(CodecChoice::Auto)),
+            ("adaptive", Some(CodecChoice::Adaptive)),
             ("zstd", Some(CodecChoice::Fixed(Codec::Zstd { level: 3 }))),
             ("ZSTD:9", Some(CodecChoice::Fixed(Codec::Zstd { level: 9 }))),
             ("lz4", Some(CodecChoice::Fixed(Codec::Lz4))),

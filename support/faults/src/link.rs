@@ -181,9 +181,26 @@ struct Piece {
     bytes: Vec<u8>,
 }
 
-/// Pieces between reading and forwarding in one direction: with 16 KiB pieces, 4096 of them
-/// hold 64 MiB, more than a gigabit path of 200 ms keeps in flight.
+/// The most pieces between reading and forwarding in one direction: with 16 KiB pieces, 4096
+/// of them hold 64 MiB, more than a gigabit path of 200 ms keeps in flight.
 const QUEUE_PIECES: usize = 4096;
+
+/// Pieces a direction holds: what the path keeps in flight (its rate times the delay) twice
+/// over, as a bottleneck's buffer would, so a sender that outruns the path is held back by
+/// TCP instead of filling a buffer no real path has. Set when the connection opens.
+fn queue_pieces(f: &Faults) -> usize {
+    let rate = match (
+        f.rate.load(Ordering::SeqCst),
+        f.connection_rate.load(Ordering::SeqCst),
+    ) {
+        (0, 0) => return QUEUE_PIECES,
+        (0, c) | (c, 0) => c,
+        (r, c) => r.min(c),
+    };
+    let delay_ms = f.delay_ms.load(Ordering::SeqCst).max(1);
+    let bytes = rate as u128 * delay_ms as u128 * 2 / 1000;
+    ((bytes / (16 * 1024)) as usize).clamp(64, QUEUE_PIECES)
+}
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
@@ -193,7 +210,7 @@ async fn pump(
     up: bool,
 ) {
     let reset = |f: &Faults| f.generation.load(Ordering::SeqCst) != generation;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(QUEUE_PIECES);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(queue_pieces(&f));
     // The reading side: stamp each piece with when the delay line lets it out.
     let reader = {
         let f = f.clone();
