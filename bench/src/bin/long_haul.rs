@@ -12,7 +12,8 @@
 //! Defaults: 1000 MB of table data (time series, events with text and jsonb, notes) and 400 MB
 //! of incompressible bytea; scenarios `loopback 100M-60ms 100M-150ms lfn` (the last is 1 Gbit/s,
 //! 150 ms, at most 50 Mbit/s per TCP connection), then `cap`. Figures from one run on a shared
-//! machine: compare ratios.
+//! machine: compare ratios. `HAUL_BENCH_CODEC=adaptive` runs haul with that `--codec` and
+//! prints its choices.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -303,6 +304,11 @@ fn haul_move(
         "--jobs",
         &jobs,
     ];
+    // HAUL_BENCH_CODEC: another --codec for haul (adaptive, say); its choices are printed.
+    let codec = std::env::var("HAUL_BENCH_CODEC").unwrap_or_default();
+    if !codec.is_empty() {
+        start.extend(["--codec", codec.as_str()]);
+    }
     match cap {
         // The data that does not compress, in small chunks: both senders busy throughout.
         Some((first, _, _)) => start.extend([
@@ -382,6 +388,13 @@ fn haul_move(
             .filter_map(Agent::peak_rss_mib)
             .fold(0.0, f64::max),
     ];
+    if !codec.is_empty() {
+        for a in &sender_agents {
+            for l in a.log_text().lines().filter(|l| l.contains("codec choice")) {
+                println!("    {l}");
+            }
+        }
+    }
     let raw = status["raw_bytes_done"].as_u64().unwrap_or(0);
     let wire = link
         .as_ref()

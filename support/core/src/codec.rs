@@ -176,6 +176,9 @@ pub struct Tuner {
     sent_raw: u64,
     send_ns: u64,
     changes: u64,
+    /// A chunk has been seen through to its receipt. Until then the windows and queues along
+    /// the path take whatever is sent without a wait, which says nothing about the link.
+    settled: bool,
 }
 
 impl Default for Tuner {
@@ -188,6 +191,7 @@ impl Default for Tuner {
             sent_raw: 0,
             send_ns: 0,
             changes: 0,
+            settled: false,
         }
     }
 }
@@ -210,6 +214,9 @@ impl Tuner {
     pub fn sent(&mut self, raw: u64, ns: u64) {
         self.sent_raw += raw;
         self.send_ns += ns;
+        if raw == 0 {
+            self.settled = true;
+        }
         self.decide();
     }
 
@@ -221,7 +228,7 @@ impl Tuner {
     /// Compare what a raw byte costs to compress with what it costs to wait for, once enough
     /// of both was seen. Per byte, because a staged chunk is compressed well before it is sent.
     fn decide(&mut self) {
-        if self.compressed_raw < TUNER_WINDOW || self.sent_raw < TUNER_WINDOW {
+        if !self.settled || self.compressed_raw < TUNER_WINDOW || self.sent_raw < TUNER_WINDOW {
             return;
         }
         let c = self.compress_ns as f64 / self.compressed_raw as f64;
@@ -245,6 +252,7 @@ impl Tuner {
         *self = Tuner {
             step: self.step,
             changes: self.changes,
+            settled: true,
             ..Tuner::default()
         };
     }
@@ -258,6 +266,14 @@ mod tests {
     fn the_tuner_climbs_on_a_slow_link_and_falls_on_a_fast_one() {
         let mut t = Tuner::default();
         assert_eq!(t.codec(), Codec::Zstd { level: 3 });
+        // Before any chunk has gone all the way, sends that did not wait prove nothing.
+        for _ in 0..64 {
+            t.sent(1 << 20, 1_000);
+            t.compressed(1 << 20, 3_000_000);
+        }
+        assert_eq!((t.codec(), t.changes()), (Codec::Zstd { level: 3 }, 0));
+        // The first chunk's receipt: the wait for its last bytes to cross.
+        t.sent(0, 1_000_000_000);
         // A slow link: each 1 MiB block waits 50 ms to be sent, compresses in 3 ms.
         for _ in 0..64 {
             t.sent(1 << 20, 50_000_000);
@@ -280,6 +296,7 @@ mod tests {
         assert_eq!((t.codec(), t.changes()), (at, changes));
         // A staged chunk: all of it compressed first, then all of it sent, slowly.
         let mut t = Tuner::default();
+        t.sent(0, 0);
         for _ in 0..16 {
             t.compressed(1 << 20, 3_000_000);
         }
