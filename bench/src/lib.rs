@@ -69,3 +69,28 @@ pub fn haul_bin() -> String {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "haul".to_string())
 }
+
+/// SQL for realistic table data of about `mb` MB on disk: a time series of readings
+/// (timestamps, numerics; about 100 bytes a row), events with text and jsonb (330), and an
+/// append-only log of notes without a key (120). Shared by the benchmarks that move it.
+pub fn realistic_tables_sql(mb: u64) -> String {
+    let readings = mb * 1_000_000 * 4 / 10 / 100;
+    let events = mb * 1_000_000 * 4 / 10 / 330;
+    let notes = mb * 1_000_000 * 2 / 10 / 120;
+    format!(
+        "CREATE TABLE readings (id bigint PRIMARY KEY, sensor int NOT NULL, at timestamptz NOT NULL, \
+           value double precision, quality numeric(6,3)); \
+         INSERT INTO readings SELECT g, g % 500, timestamptz '2024-01-01' + g * interval '100 ms', \
+           sin(g / 1000.0) * 40 + (g % 17), (g % 1000) / 1000.0 FROM generate_series(1, {readings}) g; \
+         CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL, kind text NOT NULL, \
+           payload jsonb, amount numeric(14,2), note text); \
+         INSERT INTO events SELECT g, timestamptz '2024-01-01' + g * interval '1 second', 'kind-' || (g % 17), \
+           jsonb_build_object('session', md5(g::text), 'step', g % 50, 'tags', jsonb_build_array(g % 3, g % 7)), \
+           (g % 100000) / 100.0, CASE WHEN g % 5 = 0 THEN NULL ELSE repeat(md5((g * 7)::text), 2) END \
+         FROM generate_series(1, {events}) g; \
+         CREATE TABLE notes (at timestamptz NOT NULL, author text, body text); \
+         INSERT INTO notes SELECT timestamptz '2024-01-01' + g * interval '1 minute', 'user' || (g % 300), \
+           'note ' || g || ' ' || md5(g::text) || ' ' || md5((g * 3)::text) FROM generate_series(1, {notes}) g; \
+         ANALYZE;"
+    )
+}

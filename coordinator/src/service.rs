@@ -148,6 +148,23 @@ impl State {
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
+    /// The index of job `id`, or of the latest job when `id` is empty (what operator calls
+    /// without `--job` mean).
+    fn operator_job(&self, id: &str) -> Result<usize, Status> {
+        let index = if id.is_empty() {
+            self.jobs.len().checked_sub(1)
+        } else {
+            self.jobs.iter().position(|j| j.record.id == id)
+        };
+        index.ok_or_else(|| {
+            Status::not_found(if id.is_empty() {
+                "the coordinator has no jobs yet; start one with `haul start`".to_string()
+            } else {
+                format!("no job {id}")
+            })
+        })
+    }
+
     /// The cap in force for `job` now (bytes per second, 0 = none) and its line for people.
     fn cap_now(&self, job: &Job) -> (u64, String) {
         let minute = crate::cap::minute_now(&self.time_zone);
@@ -1068,18 +1085,7 @@ impl Coordinator for CoordinatorService {
         haul_core::schedule::Schedule::parse(&r.spec)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
         let mut st = self.inner.state.lock().await;
-        let index = if r.job_id.is_empty() {
-            st.jobs.len().checked_sub(1)
-        } else {
-            st.jobs.iter().position(|j| j.record.id == r.job_id)
-        };
-        let Some(index) = index else {
-            return Err(Status::not_found(if r.job_id.is_empty() {
-                "the coordinator has no jobs; start one with `haul start`".to_string()
-            } else {
-                format!("no job {}", r.job_id)
-            }));
-        };
+        let index = st.operator_job(&r.job_id)?;
         if st.jobs[index].record.phase.is_over() {
             return Err(Status::failed_precondition(format!(
                 "job {} is {}; a cap changes only a job that is still moving",
@@ -1106,18 +1112,7 @@ impl Coordinator for CoordinatorService {
         haul_certs::require(&req, &[Role::Operator])?;
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
-        let job = if r.job_id.is_empty() {
-            st.jobs.last()
-        } else {
-            st.jobs.iter().find(|j| j.record.id == r.job_id)
-        };
-        let Some(job) = job else {
-            return Err(Status::not_found(if r.job_id.is_empty() {
-                "the coordinator has no jobs to verify; start one with `haul start`".to_string()
-            } else {
-                format!("no job {}", r.job_id)
-            }));
-        };
+        let job = &st.jobs[st.operator_job(&r.job_id)?];
         if !job.record.phase.is_over() || job.chunks.is_empty() {
             return Err(Status::failed_precondition(format!(
                 "job {} is {}; verify it through its agents once it is done (`haul status --wait`)",
@@ -1190,18 +1185,7 @@ impl Coordinator for CoordinatorService {
         haul_certs::require(&req, &[Role::Operator])?;
         let r = req.into_inner();
         let st = self.inner.state.lock().await;
-        let job = if r.job_id.is_empty() {
-            st.jobs.last()
-        } else {
-            st.jobs.iter().find(|j| j.record.id == r.job_id)
-        };
-        let Some(job) = job else {
-            return Err(Status::not_found(if r.job_id.is_empty() {
-                "the coordinator has no jobs yet; start one with `haul start`".to_string()
-            } else {
-                format!("no job {}", r.job_id)
-            }));
-        };
+        let job = &st.jobs[st.operator_job(&r.job_id)?];
         let mut reply = status_of(
             job,
             st.agents.values().any(|a| a.role == Role::Receiver),

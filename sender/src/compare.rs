@@ -95,11 +95,35 @@ impl TargetReader for RemoteTarget {
                 large_object_privileges: meta.privileges,
             })
             .await
-            .map_err(|s| from_status(s, "read it on the target"))?
+            .map_err(|s| {
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Cancelled
+                        | tonic::Code::DeadlineExceeded
+                ) {
+                    anyhow::Error::new(ReceiverAway(s.message().to_string()))
+                } else {
+                    from_status(s, "read it on the target")
+                }
+            })?
             .into_inner();
         RowDigest::from_bytes(reply.rows, &reply.row_digest)
     }
 }
+
+/// The receiver could not be reached (restarting, link down): nothing was learnt about the
+/// target, so the run stops and is handed out again instead of reporting a difference.
+#[derive(Debug)]
+struct ReceiverAway(String);
+
+impl std::fmt::Display for ReceiverAway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the receiver is unreachable: {}", self.0)
+    }
+}
+
+impl std::error::Error for ReceiverAway {}
 
 /// Pieces compared so far and the table rows they held, for progress reports.
 #[derive(Default)]
@@ -151,6 +175,7 @@ where
                         }
                         found.extend(chunk_rows::mismatch(&p.table, p.id, &p.range, &a, &b));
                     }
+                    Err(e) if e.downcast_ref::<ReceiverAway>().is_some() => return Err(e),
                     Err(e) => found.push(format!("{} chunk {}: {e:#}", p.table, p.id)),
                 }
                 progress.pieces.fetch_add(1, Ordering::Relaxed);

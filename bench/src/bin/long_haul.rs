@@ -542,30 +542,15 @@ fn pipe_move(source: &Cluster, target: &Cluster, s: &Scenario) -> anyhow::Result
 /// The realistic tables (as `verify_cost` builds them) and `blobs`: bytea made of md5 output,
 /// which no codec can shrink.
 fn build_source(source: &Cluster, mb: u64, noise_mb: u64) -> anyhow::Result<()> {
-    let readings = mb * 1_000_000 * 4 / 10 / 100;
-    let events = mb * 1_000_000 * 4 / 10 / 330;
-    let notes = mb * 1_000_000 * 2 / 10 / 120;
+    source.psql("src", &haul_bench::realistic_tables_sql(mb))?;
     let blobs = noise_mb * 1_000_000 / 1060;
     source.psql(
         "src",
         &format!(
-            "CREATE TABLE readings (id bigint PRIMARY KEY, sensor int NOT NULL, at timestamptz NOT NULL, \
-               value double precision, quality numeric(6,3)); \
-             INSERT INTO readings SELECT g, g % 500, timestamptz '2024-01-01' + g * interval '100 ms', \
-               sin(g / 1000.0) * 40 + (g % 17), (g % 1000) / 1000.0 FROM generate_series(1, {readings}) g; \
-             CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL, kind text NOT NULL, \
-               payload jsonb, amount numeric(14,2), note text); \
-             INSERT INTO events SELECT g, timestamptz '2024-01-01' + g * interval '1 second', 'kind-' || (g % 17), \
-               jsonb_build_object('session', md5(g::text), 'step', g % 50, 'tags', jsonb_build_array(g % 3, g % 7)), \
-               (g % 100000) / 100.0, CASE WHEN g % 5 = 0 THEN NULL ELSE repeat(md5((g * 7)::text), 2) END \
-             FROM generate_series(1, {events}) g; \
-             CREATE TABLE notes (at timestamptz NOT NULL, author text, body text); \
-             INSERT INTO notes SELECT timestamptz '2024-01-01' + g * interval '1 minute', 'user' || (g % 300), \
-               'note ' || g || ' ' || md5(g::text) || ' ' || md5((g * 3)::text) FROM generate_series(1, {notes}) g; \
-             CREATE TABLE blobs (id bigint PRIMARY KEY, data bytea NOT NULL); \
+            "CREATE TABLE blobs (id bigint PRIMARY KEY, data bytea NOT NULL); \
              INSERT INTO blobs SELECT g, decode((SELECT string_agg(md5(g || ':' || r), '') \
                FROM generate_series(1, 64) r), 'hex') FROM generate_series(1, {blobs}) g; \
-             ANALYZE;"
+             ANALYZE blobs;"
         ),
     )?;
     Ok(())
