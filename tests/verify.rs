@@ -165,6 +165,40 @@ fn a_chunk_changed_after_commit_fails_the_job_naming_it() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Small tables cross in groups, restored in one transaction, and each member is read back
+/// before the group's receipt: a member changed right after the commit is named.
+#[test]
+fn a_small_table_changed_after_its_group_commits_is_named() -> anyhow::Result<()> {
+    let (source, target) = two_clusters()?;
+    source.create_database("db")?;
+    let mut sql = String::new();
+    for i in 0..20 {
+        sql.push_str(&format!(
+            "CREATE TABLE s{i} (id int PRIMARY KEY, v text); \
+             INSERT INTO s{i} SELECT g, 'v' || g FROM generate_series(1, 5) AS g;"
+        ));
+    }
+    source.psql("db", &sql)?;
+    target.create_database("db")?;
+    let out = copy_armed(
+        &source.url("db"),
+        &target.url("db"),
+        &[],
+        "alter-after-commit",
+    )?;
+    let line = failure_line(&out);
+    assert!(
+        line.contains("chunk(s) whose rows differ") && line.contains("(whole)"),
+        "{line}"
+    );
+    assert_eq!(line.matches("public.s").count(), 1, "one table: {line}");
+    assert!(
+        line.contains("source 5 rows") && line.contains("target 4 rows"),
+        "{line}"
+    );
+    Ok(())
+}
+
 /// A table without an integer key is cut by ctid pages, which select other rows on the target:
 /// its chunks cannot be read back one by one. The whole table is digested on the target at the
 /// end and compared with the sum of the sender's chunk digests, which catches a changed row.

@@ -254,6 +254,10 @@ pub struct Chunk {
     /// The codec the chunk crossed with, as its sender reported.
     #[serde(default)]
     pub codec: String,
+    /// The id of the first chunk of this chunk's group (small tables leased, streamed and
+    /// restored together), or 0 for a chunk leased alone. A group's members are consecutive.
+    #[serde(default)]
+    pub group: u64,
 }
 
 /// A table to digest whole at the end: its index, the sum of its chunks' digests, and its
@@ -296,7 +300,13 @@ impl Chunk {
             check_pending_since_ms: 0,
             check_reported: false,
             codec: String::new(),
+            group: 0,
         }
+    }
+
+    /// Whether this chunk stands for its lease in counts: alone, or first of its group.
+    fn heads_lease(&self) -> bool {
+        self.group == 0 || self.group == self.id
     }
 }
 
@@ -383,19 +393,52 @@ impl Job {
             .join(", ")
     }
 
-    /// Leases out now, with any sender.
+    /// Leases out now, with any sender (a group's lease counts once).
     pub fn leases_out(&self) -> usize {
         self.chunks
             .iter()
-            .filter(|c| matches!(&c.state, ChunkState::Leased { .. }))
+            .filter(|c| c.heads_lease() && matches!(&c.state, ChunkState::Leased { .. }))
             .count()
     }
 
     pub fn leases_held_by(&self, agent: &str) -> usize {
         self.chunks
             .iter()
-            .filter(|c| matches!(&c.state, ChunkState::Leased { agent: a, .. } if a == agent))
+            .filter(|c| {
+                c.heads_lease()
+                    && matches!(&c.state, ChunkState::Leased { agent: a, .. } if a == agent)
+            })
             .count()
+    }
+
+    /// The indices of the chunks of `index`'s group (just `index` for a chunk leased alone).
+    pub fn group_at(&self, index: usize) -> std::ops::Range<usize> {
+        let Some(g) = self.chunks.get(index).map(|c| c.group) else {
+            return index..index;
+        };
+        if g == 0 {
+            return index..index + 1;
+        }
+        let mut start = index;
+        while start > 0 && self.chunks[start - 1].group == g {
+            start -= 1;
+        }
+        let mut end = index + 1;
+        while end < self.chunks.len() && self.chunks[end].group == g {
+            end += 1;
+        }
+        start..end
+    }
+
+    /// The chunks a lease of `chunk_id` under `epoch` covers: the chunk and the rest of its group
+    /// leased under the same epoch.
+    pub fn lease_members(&self, chunk_id: u64, epoch: u64) -> Vec<usize> {
+        let Some(index) = self.chunks.iter().position(|c| c.id == chunk_id) else {
+            return Vec::new();
+        };
+        self.group_at(index)
+            .filter(|&i| i == index || self.chunks[i].epoch == epoch)
+            .collect()
     }
 
     /// Return leases older than `timeout` to pending, at most once a second. Returns how many

@@ -244,21 +244,37 @@ impl State {
                             .clone()
                             .unwrap_or_else(|| j.record.receiver_addr.clone());
                         let now = now_ms();
-                        let Some(c) = j
+                        let Some(index) = j
                             .chunks
-                            .iter_mut()
-                            .find(|c| c.state == ChunkState::Pending && c.not_before_ms <= now)
+                            .iter()
+                            .position(|c| c.state == ChunkState::Pending && c.not_before_ms <= now)
                         else {
                             continue;
                         };
-                        let first_lease = c.epoch == 0;
-                        c.epoch = (c.epoch + 1).max(self.epoch_base);
-                        c.state = ChunkState::Leased {
-                            agent: agent.to_string(),
-                            since_unix_ms: now_ms(),
-                        };
-                        let (chunk_id, epoch, range, est_bytes, table) =
-                            (c.id, c.epoch, c.range.to_wire(), c.est_bytes, c.table);
+                        // A group goes out whole: every member still pending, under one epoch.
+                        let members: Vec<usize> = j
+                            .group_at(index)
+                            .filter(|&i| j.chunks[i].state == ChunkState::Pending)
+                            .collect();
+                        let first_lease = members.iter().all(|&i| j.chunks[i].epoch == 0);
+                        let epoch = members
+                            .iter()
+                            .map(|&i| j.chunks[i].epoch + 1)
+                            .max()
+                            .unwrap_or(1)
+                            .max(self.epoch_base);
+                        for &i in &members {
+                            let c = &mut j.chunks[i];
+                            c.epoch = epoch;
+                            c.state = ChunkState::Leased {
+                                agent: agent.to_string(),
+                                since_unix_ms: now,
+                            };
+                        }
+                        let grouped = j.chunks[index].group != 0;
+                        let c = &j.chunks[index];
+                        let (chunk_id, range, table) = (c.id, c.range.to_wire(), c.table);
+                        let est_bytes = members.iter().map(|&i| j.chunks[i].est_bytes).sum();
                         // This sender's share of the job's cap, with this lease counted.
                         let cap = crate::cap::in_force(
                             &j.record.options.cap_spec(),
@@ -271,19 +287,39 @@ impl State {
                         let mut options = j.record.options.to_wire();
                         options.bwlimit_bytes = j.cap.grant(agent, cap, mine, out);
                         let t = &j.tables[table];
+                        let group = if grouped {
+                            members
+                                .iter()
+                                .map(|&i| {
+                                    let t = &j.tables[j.chunks[i].table];
+                                    pb::GroupMember {
+                                        chunk_id: j.chunks[i].id,
+                                        table: Some(t.table.to_wire()),
+                                        columns: t.columns.iter().map(Column::to_wire).collect(),
+                                    }
+                                })
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
                         return Some(pb::sender_task::Task::Chunk(pb::ChunkLease {
                             job_id: j.record.id.clone(),
                             chunk_id,
                             epoch,
                             snapshot_id: j.record.snapshot_id.clone(),
-                            table: Some(t.table.to_wire()),
-                            columns: t.columns.iter().map(Column::to_wire).collect(),
+                            table: (!grouped).then(|| t.table.to_wire()),
+                            columns: if grouped {
+                                Vec::new()
+                            } else {
+                                t.columns.iter().map(Column::to_wire).collect()
+                            },
                             range: Some(range),
                             receiver_addr: receiver,
                             options: Some(options),
                             est_bytes,
                             renew_ms: (lease_timeout.as_millis() / 4).clamp(200, 15_000) as u32,
                             first_lease,
+                            members: group,
                         }));
                     }
                     if j.record.phase == Phase::Finalizing
@@ -322,6 +358,34 @@ impl State {
         }
         None
     }
+}
+
+/// Mark a chunk done from its report (the receipt means the target's ledger holds it: done,
+/// whatever the epoch). Returns false if it already was.
+fn complete_chunk(job: &mut Job, index: usize, r: &pb::ChunkReport) -> bool {
+    let done = ChunkState::Done {
+        rows: r.rows,
+        raw_bytes: r.raw_bytes,
+        wire_bytes: r.wire_bytes,
+        resumed_bytes: r.resumed_bytes,
+        resent_bytes: r.resent_bytes,
+    };
+    if !job.complete(index, done, &r.snapshot_id) {
+        return false;
+    }
+    let c = &mut job.chunks[index];
+    c.row_digest = r.row_digest.clone();
+    c.digest_rows = r.digest_rows;
+    if !r.already_applied {
+        c.codec = r.codec.clone();
+    }
+    // The receiver's own report of its read-back may have come first; it stands.
+    if !c.check_reported {
+        c.checked = r.checked;
+        c.mismatch = r.mismatch.clone();
+        c.check_pending_since_ms = if r.check_pending { now_ms() } else { 0 };
+    }
+    true
 }
 
 fn finalize_task(j: &Job) -> pb::sender_task::Task {
@@ -486,17 +550,21 @@ impl Coordinator for CoordinatorService {
                     if let pb::sender_task::Task::Chunk(l) = &task {
                         // Written down (not flushed: a lost lease only means a re-lease) so a
                         // restarted coordinator still knows who holds what.
-                        let chunk = st
+                        let chunks: Vec<Chunk> = st
                             .jobs
                             .iter()
                             .find(|j| j.record.id == l.job_id)
-                            .and_then(|j| j.chunks.iter().find(|c| c.id == l.chunk_id).cloned());
-                        if let Some(c) = chunk {
-                            self.inner
-                                .store
-                                .put_chunk(&l.job_id, &c)
-                                .map_err(to_status)?;
-                        }
+                            .map(|j| {
+                                j.lease_members(l.chunk_id, l.epoch)
+                                    .into_iter()
+                                    .map(|i| j.chunks[i].clone())
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        self.inner
+                            .store
+                            .put_chunks(&l.job_id, &chunks)
+                            .map_err(to_status)?;
                     }
                     return Ok(Response::new(pb::SenderTask { task: Some(task) }));
                 }
@@ -545,10 +613,21 @@ impl Coordinator for CoordinatorService {
             return Ok(Response::new(pb::Empty {}));
         }
         let plans = plan(&measures, job.record.options.chunk_bytes);
+        // Small tables go in groups: one lease, stream and transaction for many. Large objects
+        // are read and restored their own way, alone.
+        let groups = haul_core::chunk::group_small(&plans, |p| {
+            measures
+                .get(p.table)
+                .is_some_and(|m| !haul_core::large_object::is_large_objects(&m.table))
+        });
         job.chunks = plans
             .into_iter()
             .enumerate()
-            .map(|(i, p)| Chunk::from_plan(i as u64 + 1, p))
+            .map(|(i, p)| {
+                let mut c = Chunk::from_plan(i as u64 + 1, p);
+                c.group = groups[i].map_or(0, |g| g as u64 + 1);
+                c
+            })
             .collect();
         job.tables = measures
             .into_iter()
@@ -588,39 +667,28 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
-        let Some(index) = job.chunks.iter().position(|c| c.id == r.chunk_id) else {
-            return Err(Status::not_found(format!(
-                "job {} has no chunk {}",
-                r.job_id, r.chunk_id
-            )));
+        // A group's report is one per member; a lone chunk's is itself.
+        let reports: Vec<&pb::ChunkReport> = if r.members.is_empty() {
+            vec![&r]
+        } else {
+            r.members.iter().collect()
         };
-        // The receipt means the target's ledger holds the chunk: done, whatever the epoch.
-        let done = ChunkState::Done {
-            rows: r.rows,
-            raw_bytes: r.raw_bytes,
-            wire_bytes: r.wire_bytes,
-            resumed_bytes: r.resumed_bytes,
-            resent_bytes: r.resent_bytes,
-        };
-        if !job.complete(index, done, &r.snapshot_id) {
+        let mut changed = Vec::with_capacity(reports.len());
+        for m in reports {
+            let Some(index) = job.chunks.iter().position(|c| c.id == m.chunk_id) else {
+                return Err(Status::not_found(format!(
+                    "job {} has no chunk {}",
+                    r.job_id, m.chunk_id
+                )));
+            };
+            if complete_chunk(job, index, m) {
+                changed.push(job.chunks[index].clone());
+            }
+        }
+        if changed.is_empty() {
             return Ok(Response::new(pb::Empty {}));
         }
-        {
-            let c = &mut job.chunks[index];
-            c.row_digest = r.row_digest.clone();
-            c.digest_rows = r.digest_rows;
-            if !r.already_applied {
-                c.codec = r.codec.clone();
-            }
-            // The receiver's own report of its read-back may have come first; it stands.
-            if !c.check_reported {
-                c.checked = r.checked;
-                c.mismatch = r.mismatch.clone();
-                c.check_pending_since_ms = if r.check_pending { now_ms() } else { 0 };
-            }
-        }
         job.record.warning.clear();
-        let chunk = job.chunks[index].clone();
         let phase_changed = job.all_done() && job.record.phase == Phase::Copying;
         if phase_changed {
             tracing::info!(job = %job.record.id, chunks = job.chunks.len(), "every chunk applied; finalizing");
@@ -632,7 +700,7 @@ impl Coordinator for CoordinatorService {
         drop(st);
         self.inner
             .store
-            .put_chunk(&job_id, &chunk)
+            .put_chunks(&job_id, &changed)
             .map_err(to_status)?;
         if let Some(record) = record {
             self.inner.store.put_record(&record).map_err(to_status)?;
@@ -808,6 +876,32 @@ impl Coordinator for CoordinatorService {
             .iter()
             .map(|l| (l.job_id.clone(), l.chunk_id))
             .collect();
+        // Renewed first (a group's lease renews every member), so what is left stale below
+        // is what the list omits.
+        for l in r.leases {
+            let mut held = false;
+            if let Some(j) = st.jobs.iter_mut().find(|j| j.record.id == l.job_id) {
+                for i in j.lease_members(l.chunk_id, l.epoch) {
+                    let c = &mut j.chunks[i];
+                    if c.epoch != l.epoch {
+                        continue;
+                    }
+                    if let ChunkState::Leased {
+                        agent,
+                        since_unix_ms,
+                    } = &mut c.state
+                    {
+                        if *agent == id {
+                            *since_unix_ms = now;
+                            held |= c.id == l.chunk_id;
+                        }
+                    }
+                }
+            }
+            if !held {
+                revoked.push(l);
+            }
+        }
         for j in st.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
             let job_id = j.record.id.clone();
             for c in &mut j.chunks {
@@ -816,27 +910,6 @@ impl Coordinator for CoordinatorService {
                 if stale {
                     c.state = ChunkState::Pending;
                 }
-            }
-        }
-        for l in r.leases {
-            let held = st
-                .jobs
-                .iter_mut()
-                .find(|j| j.record.id == l.job_id)
-                .and_then(|j| j.chunks.iter_mut().find(|c| c.id == l.chunk_id))
-                .filter(|c| c.epoch == l.epoch)
-                .and_then(|c| match &mut c.state {
-                    ChunkState::Leased {
-                        agent,
-                        since_unix_ms,
-                    } if *agent == id => {
-                        *since_unix_ms = now;
-                        Some(())
-                    }
-                    _ => None,
-                });
-            if held.is_none() {
-                revoked.push(l);
             }
         }
         for b in &r.sent {
@@ -965,7 +1038,7 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
-        let mut changed_chunk = None;
+        let mut changed_chunks = Vec::new();
         if !r.lost_snapshot.is_empty() {
             // The snapshot could not be imported: its holder is gone. Not the chunk's fault.
             if r.lost_snapshot == job.record.snapshot_id && !job.record.snapshot_lost {
@@ -973,7 +1046,8 @@ impl Coordinator for CoordinatorService {
                 job.record.snapshot_lost = true;
                 job.record.snapshot_leased = false;
             }
-            if let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) {
+            for i in job.lease_members(r.chunk_id, r.epoch) {
+                let c = &mut job.chunks[i];
                 if c.epoch == r.epoch && matches!(c.state, ChunkState::Leased { .. }) {
                     c.state = ChunkState::Pending;
                 }
@@ -981,7 +1055,8 @@ impl Coordinator for CoordinatorService {
         } else if r.exhausted {
             // Waiting for the operator (disk full): retry every few seconds, without counting.
             job.record.warning = r.message.clone();
-            if let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) {
+            for i in job.lease_members(r.chunk_id, r.epoch) {
+                let c = &mut job.chunks[i];
                 if c.epoch == r.epoch && matches!(c.state, ChunkState::Leased { .. }) {
                     c.state = ChunkState::Pending;
                     c.not_before_ms = now_ms() + 5_000;
@@ -1019,29 +1094,36 @@ impl Coordinator for CoordinatorService {
                 }
                 _ => job.fail(r.message.clone()),
             }
-        } else if let Some(c) = job.chunks.iter_mut().find(|c| c.id == r.chunk_id) {
-            if c.epoch == r.epoch && matches!(c.state, ChunkState::Leased { .. }) {
-                c.attempts += 1;
-                c.last_error = r.message.clone();
-                c.state = ChunkState::Pending;
-                c.not_before_ms = now_ms() + backoff_ms(c.attempts);
-                changed_chunk = Some(c.clone());
-                if c.attempts >= MAX_ATTEMPTS {
-                    let msg = format!(
-                        "chunk {} failed {} times; last error: {}",
-                        c.id, c.attempts, r.message
-                    );
-                    job.fail(msg);
+        } else {
+            // A group's members fail together, as they were leased.
+            let mut exhausted = None;
+            for i in job.lease_members(r.chunk_id, r.epoch) {
+                let c = &mut job.chunks[i];
+                if c.epoch == r.epoch && matches!(c.state, ChunkState::Leased { .. }) {
+                    c.attempts += 1;
+                    c.last_error = r.message.clone();
+                    c.state = ChunkState::Pending;
+                    c.not_before_ms = now_ms() + backoff_ms(c.attempts);
+                    changed_chunks.push(c.clone());
+                    if c.attempts >= MAX_ATTEMPTS && exhausted.is_none() {
+                        exhausted = Some(format!(
+                            "chunk {} failed {} times; last error: {}",
+                            c.id, c.attempts, r.message
+                        ));
+                    }
                 }
+            }
+            if let Some(msg) = exhausted {
+                job.fail(msg);
             }
         }
         tracing::warn!(job = %r.job_id, chunk = r.chunk_id, fatal = r.fatal, "sender reported: {}", r.message);
         let record = job.record.clone();
         drop(st);
-        if let Some(c) = changed_chunk {
+        if !changed_chunks.is_empty() {
             self.inner
                 .store
-                .put_chunk(&record.id, &c)
+                .put_chunks(&record.id, &changed_chunks)
                 .map_err(to_status)?;
         }
         self.inner.save(&record).await?;

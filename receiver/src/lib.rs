@@ -5,6 +5,7 @@
 //!
 //! Invariant: nothing reaches the target before its digest matched the sender's.
 
+mod group;
 mod ledger;
 mod partial;
 mod pool;

@@ -196,7 +196,8 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
         tokio::time::sleep(std::time::Duration::from_secs(8)).await;
     }
     if let Some(fence) = r.fence.clone() {
-        check_lease(fence, r).await?;
+        let what = format!("chunk {} of {}", r.chunk_id, r.table);
+        check_lease(fence, r.job_id, r.chunk_id, r.epoch, &what).await?;
     }
     let finish = format!(
         "UPDATE haul.ledger SET rows = {rows} WHERE job_id = {} AND chunk_id = {}; COMMIT",
@@ -216,12 +217,20 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
     Ok(Applied::Now { rows })
 }
 
-async fn check_lease(mut fence: CoordinatorClient<Channel>, r: &Restore<'_>) -> anyhow::Result<()> {
+/// Whether the lease `epoch` of `chunk_id` is still the current one; `what` names the chunk
+/// (or group) in the error when it is not.
+pub async fn check_lease(
+    mut fence: CoordinatorClient<Channel>,
+    job_id: &str,
+    chunk_id: u64,
+    epoch: u64,
+    what: &str,
+) -> anyhow::Result<()> {
     let check = fence
         .check_lease(pb::LeaseRef {
-            job_id: r.job_id.to_string(),
-            chunk_id: r.chunk_id,
-            epoch: r.epoch,
+            job_id: job_id.to_string(),
+            chunk_id,
+            epoch,
         })
         .await
         .map_err(|s| {
@@ -233,8 +242,8 @@ async fn check_lease(mut fence: CoordinatorClient<Channel>, r: &Restore<'_>) -> 
         .into_inner();
     if !check.current {
         return Err(anyhow::Error::new(LeaseLost(format!(
-            "chunk {} of {} not committed: its lease is no longer current ({})",
-            r.chunk_id, r.table, check.reason
+            "{what} not committed: its lease is no longer current ({})",
+            check.reason
         ))));
     }
     Ok(())

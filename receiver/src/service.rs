@@ -29,9 +29,9 @@ use haul_core::row_digest::RowDigest;
 /// Restores retried from the spool before the chunk is given up. A target that restarts, or a
 /// coordinator that must be asked about the lease and is restarting, costs waiting, not a
 /// re-send over the link: with the backoff below this is about a minute and a half.
-const RESTORE_ATTEMPTS: u32 = 20;
+pub(crate) const RESTORE_ATTEMPTS: u32 = 20;
 
-fn restore_backoff(attempt: u32) -> std::time::Duration {
+pub(crate) fn restore_backoff(attempt: u32) -> std::time::Duration {
     std::time::Duration::from_millis((250u64 << attempt.min(5)).min(5_000))
 }
 
@@ -333,6 +333,9 @@ impl ReceiverService {
             Some(Err(s)) => anyhow::bail!("receive chunk header: {}", s.message()),
             _ => anyhow::bail!("chunk stream did not start with a header"),
         };
+        if !header.members.is_empty() {
+            return self.push_group(header, frames).await;
+        }
         let table = table_from_wire(header.table.as_ref())?;
         let columns: Vec<Column> = header
             .columns
@@ -406,7 +409,7 @@ impl ReceiverService {
                 &stop,
             )
             .await;
-        let (raw_bytes, digest, source_rows) = match received {
+        let (raw_bytes, digest, source_rows, _) = match received {
             Ok(v) => v,
             Err(e) => {
                 // Complete frames stay for the next stream, unless space must be freed or the
@@ -626,7 +629,7 @@ impl ReceiverService {
     /// Every complete frame is handed to the OS as it arrives, so a stream cut at any point
     /// leaves a spool the next stream can continue. Returns raw bytes and digest.
     #[allow(clippy::too_many_arguments)]
-    async fn receive(
+    pub(crate) async fn receive(
         &self,
         frames: &mut Streaming<pb::ChunkFrame>,
         codec: Codec,
@@ -636,7 +639,7 @@ impl ReceiverService {
         offset: u64,
         (job_id, chunk_id, record): (&str, u64, &mut partial::Record),
         stop: &CancellationToken,
-    ) -> anyhow::Result<(u64, Vec<u8>, Option<RowDigest>)> {
+    ) -> anyhow::Result<Received> {
         let (mut raw_bytes, mut blocks) = (offset, 0u64);
         loop {
             let frame = tokio::select! {
@@ -701,7 +704,7 @@ impl ReceiverService {
                     let rows = (t.row_digest.len() == haul_core::row_digest::DIGEST_BYTES)
                         .then(|| RowDigest::from_bytes(t.rows, &t.row_digest).ok())
                         .flatten();
-                    return Ok((raw_bytes, t.digest, rows));
+                    return Ok((raw_bytes, t.digest, rows, t.members));
                 }
                 _ => anyhow::bail!("unexpected frame in chunk stream"),
             }
@@ -894,9 +897,13 @@ impl ReceiverService {
     }
 }
 
+/// What a chunk stream delivered: raw bytes, their digest, the rows' digest if sent, and a
+/// group's member extents.
+pub(crate) type Received = (u64, Vec<u8>, Option<RowDigest>, Vec<pb::MemberExtent>);
+
 /// The chunk's bytes do not hash to what the sender says it sent: they are discarded.
 #[derive(Debug)]
-struct DigestMismatch(String);
+pub(crate) struct DigestMismatch(pub String);
 
 impl std::fmt::Display for DigestMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -907,7 +914,7 @@ impl std::fmt::Display for DigestMismatch {
 impl std::error::Error for DigestMismatch {}
 
 /// A stream under a newer lease took the chunk over; what this one spooled is kept for it.
-fn partial_stopped(chunk_id: u64) -> anyhow::Error {
+pub(crate) fn partial_stopped(chunk_id: u64) -> anyhow::Error {
     anyhow::Error::new(restore::LeaseLost(format!(
         "chunk {chunk_id}: a stream under a newer lease took over; this one stopped"
     )))

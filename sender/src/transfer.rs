@@ -189,6 +189,7 @@ pub async fn run(
         verify: options.verify,
         large_object_owner: !options.no_owner,
         large_object_privileges: !options.no_privileges,
+        members: Vec::new(),
     };
     let started = Instant::now();
     let client = reader.as_ref().map(|r| &r.client);
@@ -308,6 +309,7 @@ pub async fn run(
         digest: digest.clone(),
         row_digest: rows.map(|r| r.to_bytes()).unwrap_or_default(),
         rows: rows.map_or(0, |r| r.rows),
+        members: Vec::new(),
     })))
     .await
     .ok();
@@ -492,39 +494,14 @@ impl Read<'_> {
         mut out: Out<'_>,
     ) -> anyhow::Result<Streamed> {
         let table = self.table;
-        let cols: Vec<String> = self.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let select = if haul_core::large_object::is_large_objects(table) {
-            haul_core::large_object::source_select(
-                self.range.predicate().as_deref(),
-                self.large_object_meta,
-            )
-        } else {
-            format!(
-                "SELECT {} FROM ONLY {}{}",
-                if cols.is_empty() {
-                    String::new()
-                } else {
-                    cols.join(", ")
-                },
-                table.quoted(),
-                self.range
-                    .predicate()
-                    .map(|p| format!(" WHERE {p}"))
-                    .unwrap_or_default()
-            )
-        };
-        let sql = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
-        let stream = client.copy_out(&sql).await.map_err(|e| {
-            let line = format!(
-                "cannot read source table {table}: {}",
-                haul_core::pg::db_error_line(&e)
-            );
-            // Undefined table or column, no privilege: bad input that no retry fixes.
-            match e.code().map(|c| c.code()) {
-                Some(code) if code.starts_with("42") => fatal(line),
-                _ => anyhow::anyhow!(line),
-            }
-        })?;
+        let stream = copy_out(
+            client,
+            table,
+            self.columns,
+            self.range,
+            self.large_object_meta,
+        )
+        .await?;
         futures::pin_mut!(stream);
 
         let mut hasher = blake3::Hasher::new();
@@ -578,14 +555,7 @@ impl Read<'_> {
             if done && skip > 0 {
                 return Err(short_source(skip));
             }
-            // Under a cap, blocks no larger than the limiter's burst: what it meters in one
-            // slice is then also what crosses the wire in one go.
-            let block_bytes = self
-                .limiter
-                .burst_bytes()
-                .map_or(haul_core::BLOCK_BYTES, |b| {
-                    (b as usize).clamp(64 << 10, haul_core::BLOCK_BYTES)
-                });
+            let block_bytes = block_bytes(self.limiter);
             while block.len() >= block_bytes || (done && !block.is_empty()) {
                 let take = block.len().min(block_bytes);
                 let raw = block.split_to(take).freeze();
@@ -726,32 +696,88 @@ impl Read<'_> {
             .ok();
     }
 
-    /// One block onto the wire, within the bandwidth cap.
     async fn send_block(&self, raw_len: u32, payload: Vec<u8>) -> anyhow::Result<()> {
-        let waited = Instant::now();
-        self.limiter.consume(payload.len()).await;
-        self.shared
-            .stats
-            .add_bytes(raw_len as u64, payload.len() as u64);
-        self.shared.count_sent(self.job_id, payload.len() as u64);
-        let block = pb::ChunkBlock { raw_len, payload };
-        if self
-            .tx
-            .send(frame(pb::chunk_frame::Frame::Block(block)))
-            .await
-            .is_err()
-        {
-            anyhow::bail!("receiver closed the chunk stream early");
-        }
-        // Time spent on the cap and the HTTP/2 window: what `--codec adaptive` weighs compression
-        // against.
-        self.shared.tune_send(
+        send_block(
+            self.shared,
             self.job_id,
-            raw_len as u64,
-            waited.elapsed().as_nanos() as u64,
-        );
-        Ok(())
+            self.limiter,
+            self.tx,
+            raw_len,
+            payload,
+        )
+        .await
     }
+}
+
+/// Start the binary COPY of a chunk's rows out of the source.
+pub(crate) async fn copy_out(
+    client: &tokio_postgres::Client,
+    table: &haul_core::ident::TableName,
+    columns: &[Column],
+    range: &Range,
+    large_object_meta: haul_core::large_object::Metadata,
+) -> anyhow::Result<tokio_postgres::CopyOutStream> {
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
+    let select = if haul_core::large_object::is_large_objects(table) {
+        haul_core::large_object::source_select(range.predicate().as_deref(), large_object_meta)
+    } else {
+        format!(
+            "SELECT {} FROM ONLY {}{}",
+            cols.join(", "),
+            table.quoted(),
+            range
+                .predicate()
+                .map(|p| format!(" WHERE {p}"))
+                .unwrap_or_default()
+        )
+    };
+    let sql = format!("COPY ({select}) TO STDOUT (FORMAT binary)");
+    client.copy_out(&sql).await.map_err(|e| {
+        let line = format!(
+            "cannot read source table {table}: {}",
+            haul_core::pg::db_error_line(&e)
+        );
+        // Undefined table or column, no privilege: bad input that no retry fixes.
+        match e.code().map(|c| c.code()) {
+            Some(code) if code.starts_with("42") => fatal(line),
+            _ => anyhow::anyhow!(line),
+        }
+    })
+}
+
+/// One block onto the wire, within the bandwidth cap.
+pub(crate) async fn send_block(
+    shared: &Shared,
+    job_id: &str,
+    limiter: &Limiter,
+    tx: &tokio::sync::mpsc::Sender<pb::ChunkFrame>,
+    raw_len: u32,
+    payload: Vec<u8>,
+) -> anyhow::Result<()> {
+    let waited = Instant::now();
+    limiter.consume(payload.len()).await;
+    shared.stats.add_bytes(raw_len as u64, payload.len() as u64);
+    shared.count_sent(job_id, payload.len() as u64);
+    let block = pb::ChunkBlock { raw_len, payload };
+    if tx
+        .send(frame(pb::chunk_frame::Frame::Block(block)))
+        .await
+        .is_err()
+    {
+        anyhow::bail!("receiver closed the chunk stream early");
+    }
+    // Time spent on the cap and the HTTP/2 window: what `--codec adaptive` weighs compression
+    // against.
+    shared.tune_send(job_id, raw_len as u64, waited.elapsed().as_nanos() as u64);
+    Ok(())
+}
+
+/// The size of the blocks a chunk is cut into: under a cap, no larger than the limiter's burst,
+/// so what it meters in one slice is also what crosses the wire in one go.
+pub(crate) fn block_bytes(limiter: &Limiter) -> usize {
+    limiter.burst_bytes().map_or(haul_core::BLOCK_BYTES, |b| {
+        (b as usize).clamp(64 << 10, haul_core::BLOCK_BYTES)
+    })
 }
 
 /// A staging file that cannot be read back as recorded: it is dropped, and the chunk read from
@@ -787,6 +813,6 @@ fn short_source(missing: u64) -> anyhow::Error {
     )))
 }
 
-fn frame(f: pb::chunk_frame::Frame) -> pb::ChunkFrame {
+pub(crate) fn frame(f: pb::chunk_frame::Frame) -> pb::ChunkFrame {
     pb::ChunkFrame { frame: Some(f) }
 }

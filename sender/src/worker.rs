@@ -279,8 +279,17 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                         },
                     );
                 }
+                let moved = async {
+                    if lease.members.is_empty() {
+                        transfer::run(&shared, &mut reader, &lease, &limiter)
+                            .await
+                            .map(|out| report_of(&lease, out))
+                    } else {
+                        crate::group::run(&shared, &mut reader, &lease, &limiter).await
+                    }
+                };
                 let result = tokio::select! {
-                    r = transfer::run(&shared, &mut reader, &lease, &limiter) => r,
+                    r = moved => r,
                     _ = revoked.cancelled() => Err(anyhow::anyhow!(
                         "lease on chunk {} was revoked (it expired or went to another sender); stopped sending it",
                         lease.chunk_id
@@ -290,34 +299,27 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                     held.remove(&key);
                 }
                 match result {
-                    Ok(out) => {
-                        let report = pb::ChunkReport {
-                            job_id: lease.job_id.clone(),
-                            chunk_id: lease.chunk_id,
-                            epoch: lease.epoch,
-                            rows: out.rows,
-                            raw_bytes: out.raw_bytes,
-                            wire_bytes: out.wire_bytes,
-                            digest: out.digest,
-                            already_applied: out.already_applied,
-                            snapshot_id: out.snapshot_id,
-                            resumed_bytes: out.resumed_bytes,
-                            resent_bytes: out.resent_bytes,
-                            checked: out.checked,
-                            mismatch: out.mismatch,
-                            row_digest: out.row_digest.map(|d| d.to_bytes()).unwrap_or_default(),
-                            digest_rows: out.row_digest.map_or(0, |d| d.rows),
-                            check_pending: out.check_pending,
-                            codec: out.codec.clone(),
-                        };
-                        tracing::info!(
-                            job = %lease.job_id,
-                            chunk = lease.chunk_id,
-                            rows = out.rows,
-                            wire_bytes = out.wire_bytes,
-                            codec = %out.codec,
-                            "chunk applied"
-                        );
+                    Ok(report) => {
+                        if report.members.is_empty() {
+                            tracing::info!(
+                                job = %lease.job_id,
+                                chunk = lease.chunk_id,
+                                rows = report.rows,
+                                wire_bytes = report.wire_bytes,
+                                codec = %report.codec,
+                                "chunk applied"
+                            );
+                        } else {
+                            tracing::info!(
+                                job = %lease.job_id,
+                                chunk = lease.chunk_id,
+                                tables = report.members.len(),
+                                rows = report.rows,
+                                wire_bytes = report.wire_bytes,
+                                codec = %report.codec,
+                                "group of small tables applied"
+                            );
+                        }
                         // Test point: applied on the target, not yet reported.
                         haul_core::failpoint::die("die-before-chunk-report");
                         deliver("report chunk", || {
@@ -368,6 +370,30 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+/// A lone chunk's report to the coordinator.
+fn report_of(lease: &pb::ChunkLease, out: transfer::Outcome) -> pb::ChunkReport {
+    pb::ChunkReport {
+        job_id: lease.job_id.clone(),
+        chunk_id: lease.chunk_id,
+        epoch: lease.epoch,
+        rows: out.rows,
+        raw_bytes: out.raw_bytes,
+        wire_bytes: out.wire_bytes,
+        digest: out.digest,
+        already_applied: out.already_applied,
+        snapshot_id: out.snapshot_id,
+        resumed_bytes: out.resumed_bytes,
+        resent_bytes: out.resent_bytes,
+        checked: out.checked,
+        mismatch: out.mismatch,
+        row_digest: out.row_digest.map(|d| d.to_bytes()).unwrap_or_default(),
+        digest_rows: out.row_digest.map_or(0, |d| d.rows),
+        check_pending: out.check_pending,
+        codec: out.codec,
+        members: Vec::new(),
     }
 }
 

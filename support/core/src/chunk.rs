@@ -204,6 +204,50 @@ pub fn plan(tables: &[TableMeasure], chunk_bytes: u64) -> Vec<ChunkPlan> {
     out
 }
 
+/// Tables at most this big (planned bytes) are grouped with others into one lease.
+pub const SMALL_TABLE_BYTES: u64 = 1 << 20;
+/// A group holds at most this many tables (each one lock in the reader's snapshot transaction,
+/// one ledger row in the target's) ...
+pub const GROUP_TABLES: usize = 64;
+/// ... and at most this many planned bytes.
+pub const GROUP_BYTES: u64 = 8 << 20;
+
+/// Group small whole-table chunks so that each group is one lease, one stream and one target
+/// transaction. `plans` are in lease order; `groupable` says whether a chunk's table may share
+/// a stream (large objects may not). Returns, for each plan, the index of its group's first
+/// plan, or `None` for a chunk leased alone. Groups are runs of consecutive plans, so a group's
+/// members stay together in lease order; a group of one is no group.
+pub fn group_small(
+    plans: &[ChunkPlan],
+    groupable: impl Fn(&ChunkPlan) -> bool,
+) -> Vec<Option<usize>> {
+    let mut out = vec![None; plans.len()];
+    let small =
+        |p: &ChunkPlan| p.range == Range::Whole && p.est_bytes <= SMALL_TABLE_BYTES && groupable(p);
+    let mut i = 0;
+    while i < plans.len() {
+        if !small(&plans[i]) {
+            i += 1;
+            continue;
+        }
+        let (start, mut bytes) = (i, 0u64);
+        while i < plans.len()
+            && small(&plans[i])
+            && i - start < GROUP_TABLES
+            && (i == start || bytes + plans[i].est_bytes <= GROUP_BYTES)
+        {
+            bytes += plans[i].est_bytes;
+            i += 1;
+        }
+        if i - start > 1 {
+            for slot in &mut out[start..i] {
+                *slot = Some(start);
+            }
+        }
+    }
+    out
+}
+
 /// The quantile fractions a sender samples the key at, for a table needing `n` pieces.
 pub fn quantiles(n: u64) -> Vec<f64> {
     (1..n).map(|i| i as f64 / n as f64).collect()
@@ -311,6 +355,47 @@ mod tests {
         assert_eq!(Range::Whole.predicate(), None);
         let w = Range::from_wire(Some(&r.to_wire())).expect("round trip");
         assert_eq!(w, r);
+    }
+
+    #[test]
+    fn small_whole_tables_form_groups_in_lease_order() {
+        let whole = |table, est_bytes| ChunkPlan {
+            table,
+            range: Range::Whole,
+            est_bytes,
+        };
+        let mut plans = vec![
+            whole(0, 100 << 20),
+            ChunkPlan {
+                table: 1,
+                range: Range::Pages { lo: 0, hi: None },
+                est_bytes: 10,
+            },
+        ];
+        // 130 tiny tables, one of which may not share a stream.
+        plans.extend((2..132).map(|t| whole(t, 8192)));
+        let g = group_small(&plans, |p| p.table != 70);
+        assert_eq!(g[0], None, "a big table is leased alone");
+        assert_eq!(g[1], None, "a page range is never grouped");
+        assert!(g[2..70].iter().take(GROUP_TABLES).all(|s| *s == Some(2)));
+        assert_eq!(
+            g[2 + GROUP_TABLES],
+            Some(2 + GROUP_TABLES),
+            "a full group starts the next"
+        );
+        assert_eq!(g[70], None, "an ungroupable table is leased alone");
+        assert_eq!(g[71], Some(71));
+        assert!(g[71..].iter().all(|s| *s == Some(71)));
+        // Bytes bound a group too, and a lone small table is no group.
+        let plans: Vec<ChunkPlan> = (0..5).map(|t| whole(t, 1 << 20)).collect();
+        let g = group_small(&plans, |_| true);
+        assert_eq!(g, vec![Some(0); 5]);
+        let plans: Vec<ChunkPlan> = (0..10).map(|t| whole(t, 1 << 20)).collect();
+        let g = group_small(&plans, |_| true);
+        assert_eq!(&g[..8], &[Some(0); 8]);
+        assert_eq!(g[8], Some(8));
+        assert_eq!(g[9], Some(8));
+        assert_eq!(group_small(&[whole(0, 10)], |_| true), vec![None]);
     }
 
     #[test]
