@@ -107,7 +107,12 @@ const RECEIVER_STEPS: [&str; 7] = [
 
 fn wait_for_line(agent: &Agent, line: &str, deadline: Instant) -> anyhow::Result<()> {
     while !agent.log_text().contains(line) {
-        anyhow::ensure!(Instant::now() < deadline, "never logged: {line}");
+        if Instant::now() >= deadline {
+            let log = agent.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            anyhow::bail!("never logged: {line}\nlast lines:\n{}", tail.join("\n"));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
@@ -160,7 +165,18 @@ fn killed_during_each_step(role: fn(&mut Move) -> &mut Agent) -> anyhow::Result<
     })?;
     let deadline = Instant::now() + Duration::from_secs(240);
     for point in &points {
-        wait_for_line(&m.receiver, &format!("failpoint {point} fired"), deadline)?;
+        if let Err(e) = wait_for_line(&m.receiver, &format!("failpoint {point} fired"), deadline) {
+            let tail = |a: &Agent| {
+                let log = a.log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            };
+            anyhow::bail!(
+                "{e:#}\ncoordinator:\n{}\nsender:\n{}",
+                tail(&m.coordinator),
+                tail(&m.sender)
+            );
+        }
         role(&mut m).restart()?;
     }
     m.finish()?;

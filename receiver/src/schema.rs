@@ -368,13 +368,18 @@ pub async fn apply_post(
         let preamble = script.preamble.clone();
         let job_id = job_id.to_string();
         workers.spawn(async move {
-            let client = post_session(&target, &preamble).await?;
+            let client = post_session(&target, &preamble, &job_id).await?;
             loop {
-                let next = queue.lock().await.pop();
-                let Some((i, e)) = next else {
-                    return anyhow::Ok(());
+                let batch: Vec<(usize, Entry)> = {
+                    let mut q = queue.lock().await;
+                    let keep = q.len().saturating_sub(POST_BATCH);
+                    q.split_off(keep)
                 };
-                apply_recorded(&client, &job_id, i, &e).await?;
+                if batch.is_empty() {
+                    return anyhow::Ok(());
+                }
+                let refs: Vec<(usize, &Entry)> = batch.iter().map(|(i, e)| (*i, e)).collect();
+                apply_recorded(&client, &job_id, &refs).await?;
                 // Test point: part of the first wave is in.
                 haul_core::failpoint::die("die-in-post-data-wave1");
                 haul_core::failpoint::stall("stall-in-post-data-wave1").await;
@@ -384,9 +389,9 @@ pub async fn apply_post(
     while let Some(r) = workers.join_next().await {
         r.context("post-data worker")??;
     }
-    let client = post_session(target, &script.preamble).await?;
-    for (i, e) in wave2 {
-        apply_recorded(&client, job_id, i, e).await?;
+    let client = post_session(target, &script.preamble, job_id).await?;
+    for batch in wave2.chunks(POST_BATCH) {
+        apply_recorded(&client, job_id, batch).await?;
         // Test point: part of the second wave is in.
         haul_core::failpoint::die("die-in-post-data-wave2");
         haul_core::failpoint::stall("stall-in-post-data-wave2").await;
@@ -394,23 +399,87 @@ pub async fn apply_post(
     Ok(script.entries.len() as u32)
 }
 
-/// One post-data entry and its record, in one implicit transaction (a multi-statement simple
-/// query): both are in, or neither.
-async fn apply_recorded(client: &Client, job_id: &str, i: usize, e: &Entry) -> anyhow::Result<()> {
-    // The newline ends a trailing `--` comment of the entry before the record is appended.
-    let sql = format!(
-        "{}\n;\n{}",
-        e.sql,
-        crate::ledger::mark_step(job_id, &format!("post:{i}"))
-    );
-    client
-        .batch_execute(&sql)
-        .await
-        .map_err(|err| entry_error("create", e, &err))
+/// Post-data entries committed together (with their records): one commit, and one wait for
+/// the target's WAL flush, per batch rather than per index.
+const POST_BATCH: usize = 32;
+
+/// Post-data entries and their records, in one implicit transaction (a multi-statement simple
+/// query): all are in, or none. A batch that fails is replayed entry by entry, which names the
+/// entry that fails (the others of the batch are in by then, recorded).
+async fn apply_recorded(
+    client: &Client,
+    job_id: &str,
+    entries: &[(usize, &Entry)],
+) -> anyhow::Result<()> {
+    // The newline ends a trailing `--` comment of an entry before what follows it.
+    let one = |i: usize, e: &Entry| {
+        format!(
+            "{}\n;\n{};",
+            e.sql,
+            crate::ledger::mark_step(job_id, &format!("post:{i}"))
+        )
+    };
+    let sql: String = entries
+        .iter()
+        .map(|(i, e)| one(*i, e))
+        .collect::<Vec<_>>()
+        .join("\n");
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(()),
+        Err(err) if entries.len() == 1 => Err(entry_error("create", entries[0].1, &err)),
+        Err(_) => {
+            for (i, e) in entries {
+                client
+                    .batch_execute(&one(*i, e))
+                    .await
+                    .map_err(|err| entry_error("create", e, &err))?;
+            }
+            Ok(())
+        }
+    }
 }
 
-async fn post_session(target: &DbUrl, preamble: &str) -> anyhow::Result<Client> {
-    let client = target.connect("haul-post-data").await?;
+/// The application name of a job's post-data sessions, so a later run can find them.
+fn post_application(job_id: &str) -> String {
+    let mut name = format!("haul-post-{job_id}");
+    name.truncate(63);
+    name
+}
+
+/// Wait until no session of an earlier post-data run of this job is inside a statement. A run
+/// whose caller went away (its sender died, the receiver restarted) can leave a batch running
+/// on the target, which then commits; reading the recorded steps before it ends would apply
+/// its entries a second time.
+pub async fn wait_for_earlier_post_data(client: &Client, job_id: &str) -> anyhow::Result<()> {
+    let app = post_application(job_id);
+    let mut said = false;
+    loop {
+        let busy: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_catalog.pg_stat_activity \
+                 WHERE application_name = $1 AND pid <> pg_backend_pid() AND state <> 'idle'",
+                &[&app],
+            )
+            .await
+            .context("look for an earlier post-data run on the target")?
+            .get(0);
+        if busy == 0 {
+            return Ok(());
+        }
+        if !said {
+            tracing::info!(
+                job = job_id,
+                sessions = busy,
+                "waiting for the statements of an earlier post-data run to end on the target"
+            );
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+async fn post_session(target: &DbUrl, preamble: &str, job_id: &str) -> anyhow::Result<Client> {
+    let client = target.connect(&post_application(job_id)).await?;
     client.batch_execute(preamble).await.map_err(|e| {
         anyhow::anyhow!(
             "prepare post-data session: {}",
@@ -481,6 +550,9 @@ pub async fn digests(
         .collect())
 }
 
+/// Tables counted in one statement.
+const COUNT_BATCH: usize = 100;
+
 /// Count the rows of every table in `tables`, `parallel` at a time (large objects: the
 /// objects), for tables whose contents were compared chunk by chunk.
 pub async fn counts(
@@ -499,24 +571,55 @@ pub async fn counts(
             let client = target.connect("haul-verify").await?;
             let mut out = Vec::new();
             loop {
-                let next = queue.lock().await.pop();
-                let Some(t) = next else {
+                // Many tables counted in one statement: one round trip for a batch of small
+                // tables instead of one each.
+                let batch: Vec<TableName> = {
+                    let mut q = queue.lock().await;
+                    let keep = q.len().saturating_sub(COUNT_BATCH);
+                    q.split_off(keep)
+                };
+                if batch.is_empty() {
                     return anyhow::Ok(out);
+                }
+                let count_sql = |t: &TableName| {
+                    if haul_core::large_object::is_large_objects(t) {
+                        "SELECT count(*)::int8 FROM pg_catalog.pg_largeobject_metadata".to_string()
+                    } else {
+                        format!("SELECT count(*)::int8 FROM ONLY {}", t.quoted())
+                    }
                 };
-                let sql = if haul_core::large_object::is_large_objects(&t) {
-                    "SELECT count(*)::int8 FROM pg_catalog.pg_largeobject_metadata".to_string()
-                } else {
-                    format!("SELECT count(*)::int8 FROM ONLY {}", t.quoted())
-                };
-                let rows = match client.query_one(&sql, &[]).await {
-                    Ok(r) => r.get::<_, i64>(0),
-                    Err(_) => -1,
-                };
-                out.push(pb::TableDigest {
-                    table: Some(t.to_wire()),
-                    rows,
-                    digest: String::new(),
-                });
+                let sql = batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| format!("SELECT {i}::int4, ({})", count_sql(t)))
+                    .collect::<Vec<_>>()
+                    .join(" UNION ALL ");
+                let mut rows = vec![-1i64; batch.len()];
+                match client.query(&sql, &[]).await {
+                    Ok(found) => {
+                        for r in found {
+                            let (i, n): (i32, i64) = (r.get(0), r.get(1));
+                            if let Some(slot) = rows.get_mut(i as usize) {
+                                *slot = n;
+                            }
+                        }
+                    }
+                    // A table that cannot be counted (gone, say) is found one at a time.
+                    Err(_) => {
+                        for (slot, t) in rows.iter_mut().zip(&batch) {
+                            if let Ok(r) = client.query_one(&count_sql(t), &[]).await {
+                                *slot = r.get::<_, i64>(0);
+                            }
+                        }
+                    }
+                }
+                for (t, rows) in batch.into_iter().zip(rows) {
+                    out.push(pb::TableDigest {
+                        table: Some(t.to_wire()),
+                        rows,
+                        digest: String::new(),
+                    });
+                }
             }
         });
     }

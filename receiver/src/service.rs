@@ -196,6 +196,7 @@ impl ReceiverService {
         } else {
             "post"
         };
+        let began = std::time::Instant::now();
         let path = self.inner.spool.schema_path(&first.job_id, name);
         let mut file = self.inner.spool.create(&path).await?;
         file.write_all(&first.sql)
@@ -263,10 +264,22 @@ impl ReceiverService {
             .await
             .context("read pre-data spool")?;
         let script = Script::parse(&text);
+        tracing::info!(
+            job = %first.job_id,
+            bytes = text.len(),
+            secs = began.elapsed().as_secs_f64(),
+            "pre-data received and checked"
+        );
         // Test point: the pre-data script has arrived and is about to be applied.
         haul_core::failpoint::die("die-before-pre-data");
+        let applying = std::time::Instant::now();
         let objects = schema::apply_pre(&client, &script, &first.job_id, &create_roles).await?;
-        tracing::info!(job = %first.job_id, objects, "applied pre-data");
+        tracing::info!(
+            job = %first.job_id,
+            objects,
+            secs = applying.elapsed().as_secs_f64(),
+            "applied pre-data"
+        );
         Ok(pb::SchemaReply { objects })
     }
 
@@ -717,6 +730,7 @@ impl ReceiverService {
         let target = &self.inner.config.target;
         let job = req.job_id.as_str();
         let client = target.connect("haul-finalize").await?;
+        schema::wait_for_earlier_post_data(&client, job).await?;
         let done = ledger::steps_applied(&client, job).await?;
         let began = std::time::Instant::now();
         let post_path = self.inner.spool.schema_path(job, "post");
