@@ -20,8 +20,18 @@ pub struct Cli {
     /// Log filter, e.g. info, debug, haul_sender=debug (also RUST_LOG).
     #[arg(long, global = true, value_name = "FILTER")]
     pub log: Option<String>,
+    /// How log lines are written: text for people, or json (one object a line: timestamp,
+    /// level, message and fields such as job, chunk and agent) for log collectors.
+    #[arg(long, global = true, value_name = "FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]

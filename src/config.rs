@@ -36,7 +36,7 @@ pub fn expand(raw: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
         } else if a == "--config" {
             config = strs.get(i + 1).cloned();
             i += 1;
-        } else if a == "--log" {
+        } else if a == "--log" || a == "--log-format" {
             i += 1;
         } else if !a.starts_with('-') && sub_at.is_none() {
             sub_at = Some(i);

@@ -215,7 +215,24 @@ pub async fn follow(
                 eprintln!();
             }
         } else if over || last_print.elapsed() >= Duration::from_secs(5) {
-            eprintln!("{}", progress_line(&s));
+            if json_logs() {
+                tracing::info!(
+                    job = %s.job_id,
+                    phase = %s.phase,
+                    step = %s.step,
+                    percent = (done_fraction(&s) * 1000.0).round() / 10.0,
+                    chunks_done = s.chunks_done,
+                    chunks = s.chunks,
+                    rows = s.rows_done,
+                    raw_bytes = s.raw_bytes_done,
+                    wire_bytes = s.wire_bytes_done,
+                    wire_rate = s.wire_rate,
+                    cap_bytes_per_sec = s.cap_bytes_per_sec,
+                    "progress"
+                );
+            } else {
+                eprintln!("{}", progress_line(&s));
+            }
             last_print = std::time::Instant::now();
         }
         if over {
@@ -250,6 +267,36 @@ fn done_fraction(s: &pb::JobStatusReply) -> f64 {
         s.chunks_done as f64 / s.chunks as f64
     } else {
         0.0
+    }
+}
+
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Logs are JSON lines (`--log-format json`): what would be a plain line on stderr becomes a
+/// log event, so stderr stays one JSON object a line.
+pub fn set_json_logs(on: bool) {
+    JSON_LOGS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn json_logs() -> bool {
+    JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A line for the operator on stderr: as it is, or as a log event with JSON logs.
+pub fn say(line: &str) {
+    if json_logs() {
+        tracing::info!("{line}");
+    } else {
+        eprintln!("{line}");
+    }
+}
+
+/// An error line for the operator on stderr: `haul: …`, or an error event with JSON logs.
+pub fn say_error(line: &str) {
+    if json_logs() {
+        tracing::error!("{line}");
+    } else {
+        eprintln!("haul: {line}");
     }
 }
 
@@ -408,7 +455,11 @@ pub fn exit_code(s: &pb::JobStatusReply) -> ExitCode {
     if s.phase == "done" {
         ExitCode::SUCCESS
     } else {
-        eprintln!("haul: {} failed: {}", s.job_id, s.error.replace('\n', " "));
+        say_error(&format!(
+            "{} failed: {}",
+            s.job_id,
+            s.error.replace('\n', " ")
+        ));
         ExitCode::FAILURE
     }
 }

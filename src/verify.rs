@@ -179,10 +179,10 @@ fn outcome(mut differences: Vec<String>, s: Summary) -> ExitCode {
     for d in &differences {
         println!("MISMATCH   {d}");
     }
-    eprintln!(
-        "haul: verify found {} difference(s) between source and target",
+    crate::operator::say_error(&format!(
+        "verify found {} difference(s) between source and target",
         differences.len()
-    );
+    ));
     ExitCode::FAILURE
 }
 
@@ -204,7 +204,7 @@ async fn through_agents(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|s| fatal(s.message().to_string()))?
         .into_inner();
-    eprintln!(
+    crate::operator::say(&format!(
         "verifying job {} through its agents: {} chunks of {} tables{}",
         started.job_id,
         started.pieces,
@@ -214,7 +214,7 @@ async fn through_agents(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         } else {
             ""
         }
-    );
+    ));
     let terminal = std::io::stderr().is_terminal();
     let mut last_line = std::time::Instant::now();
     loop {
@@ -269,7 +269,7 @@ async fn through_agents(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             if terminal {
                 eprint!("\r\x1b[2K{line}");
             } else {
-                eprintln!("{line}");
+                crate::operator::say(&line);
             }
         }
     }

@@ -126,3 +126,47 @@ fn summary_secs(stdout: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// `--log-format json`: every log line is one JSON object with a level and a message, and the
+/// lines about a chunk carry the job and chunk as fields a collector can filter on.
+#[test]
+fn logs_as_json_lines_name_job_and_chunk() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    c.create_database("src")?;
+    c.psql("src", SOURCE)?;
+    c.create_database("dst")?;
+    let out = haul(&[
+        "copy",
+        "--source",
+        &c.url("src"),
+        "--target",
+        &c.url("dst"),
+        "--log",
+        "info",
+        "--log-format",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let mut chunk_lines = 0;
+    for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("not a JSON line ({e}): {line}"))?;
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+        assert!(v["timestamp"].is_string(), "{line}");
+        if v["message"] == "chunk applied" || v["message"] == "group of small tables applied" {
+            assert!(v["job"].is_string() && v["chunk"].is_u64(), "{line}");
+            chunk_lines += 1;
+        }
+    }
+    assert!(chunk_lines > 0, "no chunk lines logged:\n{stderr}");
+    // And a bad format is refused in one line.
+    let bad = haul(&["status", "--log-format", "xml"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("xml"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    Ok(())
+}
