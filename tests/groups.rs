@@ -1,7 +1,7 @@
 //! Small tables are leased, streamed and restored in groups (one lease, one stream, one target
 //! transaction for up to 64 of them), each with its own ledger row. These moves carry the rich
-//! fixture plus 150 tiny tables (a few of them empty) through the three roles, kill a role in
-//! the middle of a group and just after a group committed, and check independently that source
+//! fixture plus 150 tiny tables (a few of them empty) through the three roles, kill each role
+//! around a group (mid-stream, after its commit, before and on its report), and check independently that source
 //! equals target and that every table is in the ledger exactly once with its own rows.
 
 mod common;
@@ -108,6 +108,20 @@ fn killed_in_a_group(point: &'static str, role: fn(&mut Move) -> &mut Agent) -> 
 #[test]
 fn receiver_dies_right_after_a_group_commits() -> anyhow::Result<()> {
     killed_in_a_group("die-after-group-commit", |m| &mut m.receiver)
+}
+
+/// The group is applied and its receipt reached the sender, which dies before reporting it:
+/// the restarted sender finds every member in the ledger.
+#[test]
+fn sender_dies_between_a_groups_receipt_and_its_report() -> anyhow::Result<()> {
+    killed_in_a_group("die-before-group-report", |m| &mut m.sender)
+}
+
+/// The coordinator dies on a group's report: after its restart the group goes out again and
+/// the ledger answers for every member.
+#[test]
+fn coordinator_dies_on_a_groups_report() -> anyhow::Result<()> {
+    killed_in_a_group("die-on-group-report", |m| &mut m.coordinator)
 }
 
 /// The sender dies with a group's stream half sent: nothing of it commits, and the group is

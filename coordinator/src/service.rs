@@ -665,6 +665,10 @@ impl Coordinator for CoordinatorService {
         // Test point: the chunk is applied on the target, and its report dies here.
         haul_core::failpoint::die("die-on-chunk-report");
         let r = req.into_inner();
+        if !r.members.is_empty() {
+            // Test point: a group's tables are applied on the target, and its report dies here.
+            haul_core::failpoint::die("die-on-group-report");
+        }
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
         // A group's report is one per member; a lone chunk's is itself.

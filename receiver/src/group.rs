@@ -19,10 +19,8 @@ use tonic::Streaming;
 
 use crate::partial;
 use crate::pool::Pooled;
-use crate::restore::{check_lease, LeaseLost, SpoolCorrupt};
-use crate::service::{
-    partial_stopped, restore_backoff, DigestMismatch, ReceiverService, RESTORE_ATTEMPTS,
-};
+use crate::restore::{check_lease, end_transaction, SpoolCorrupt};
+use crate::service::{DigestMismatch, ReceiverService, Unrestored};
 use crate::spool::SpoolReader;
 
 struct Member {
@@ -136,38 +134,15 @@ impl ReceiverService {
             replica_role: self.inner.replica_role,
             fence: Some(self.inner.fence.clone()),
         };
-        let mut attempt = 0;
-        let outcomes = loop {
-            attempt += 1;
-            let result = match self.inner.pool.get().await {
-                Ok(c) => apply(c, &r).await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(o) => break o,
-                Err(e) if e.downcast_ref::<LeaseLost>().is_some() => {
-                    drop_spool().await;
-                    return Err(e);
-                }
-                Err(e)
-                    if haul_core::status::fatal_message(&e).is_some()
-                        || attempt >= RESTORE_ATTEMPTS
-                        || e.downcast_ref::<SpoolCorrupt>().is_some() =>
-                {
-                    drop_spool().await;
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        group = group_id,
-                        attempt,
-                        "failed to restore a group of small tables, retrying from spool: {e:#}"
-                    );
-                    tokio::select! {
-                        _ = stop.cancelled() => return Err(partial_stopped(group_id)),
-                        _ = tokio::time::sleep(restore_backoff(attempt)) => {}
-                    }
-                }
+        // A group that cannot commit is sent again whole: its spool goes whatever the reason.
+        let outcomes = match self
+            .retry_from_spool("group", group_id, &stop, |c| apply(c, &r))
+            .await
+        {
+            Ok(o) => o,
+            Err(Unrestored::LeaseLost(e) | Unrestored::Stopped(e) | Unrestored::Hopeless(e)) => {
+                drop_spool().await;
+                return Err(e);
             }
         };
         drop_spool().await;
@@ -303,20 +278,8 @@ fn members_of(
 
 async fn apply(client: Pooled, r: &GroupRestore<'_>) -> anyhow::Result<Vec<Outcome>> {
     client.set_in_transaction(true);
-    match apply_in_tx(&client, r).await {
-        Ok(a) => {
-            client.set_in_transaction(false);
-            Ok(a)
-        }
-        Err(e) => {
-            if client.batch_execute("ROLLBACK").await.is_ok() {
-                client.set_in_transaction(false);
-            } else {
-                client.discard();
-            }
-            Err(e)
-        }
-    }
+    let result = apply_in_tx(&client, r).await;
+    end_transaction(client, result).await
 }
 
 /// The spool's decoded bytes, handed out member by member (a block may span members).

@@ -45,10 +45,18 @@ pub enum Applied {
 
 pub async fn apply(client: Pooled, r: &Restore<'_>) -> anyhow::Result<Applied> {
     client.set_in_transaction(true);
-    match apply_in_tx(&client, r).await {
-        Ok(a) => {
+    let result = apply_in_tx(&client, r).await;
+    end_transaction(client, result).await
+}
+
+/// After a body that opened a transaction on `client` and, on success, committed it: the
+/// connection goes back to the pool outside any transaction, rolled back on failure (or
+/// discarded if even that fails).
+pub async fn end_transaction<T>(client: Pooled, result: anyhow::Result<T>) -> anyhow::Result<T> {
+    match result {
+        Ok(v) => {
             client.set_in_transaction(false);
-            Ok(a)
+            Ok(v)
         }
         Err(e) => {
             if client.batch_execute("ROLLBACK").await.is_ok() {

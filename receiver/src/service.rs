@@ -29,9 +29,9 @@ use haul_core::row_digest::RowDigest;
 /// Restores retried from the spool before the chunk is given up. A target that restarts, or a
 /// coordinator that must be asked about the lease and is restarting, costs waiting, not a
 /// re-send over the link: with the backoff below this is about a minute and a half.
-pub(crate) const RESTORE_ATTEMPTS: u32 = 20;
+const RESTORE_ATTEMPTS: u32 = 20;
 
-pub(crate) fn restore_backoff(attempt: u32) -> std::time::Duration {
+fn restore_backoff(attempt: u32) -> std::time::Duration {
     std::time::Duration::from_millis((250u64 << attempt.min(5)).min(5_000))
 }
 
@@ -456,44 +456,19 @@ impl ReceiverService {
             fence: Some(self.inner.fence.clone()),
         };
         // A target hiccup is retried from the spool, never by asking for the bytes again.
-        let mut attempt = 0;
-        let applied = loop {
-            attempt += 1;
-            let client = self.inner.pool.get().await;
-            let result = match client {
-                Ok(c) => restore::apply(c, &r).await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Ok(a) => break a,
-                // The lease moved on: the spool, complete and verified, is kept for the
-                // chunk's next stream, which then has nothing left to send.
-                Err(e) if e.downcast_ref::<restore::LeaseLost>().is_some() => return Err(e),
-                Err(e)
-                    if haul_core::status::fatal_message(&e).is_some()
-                        || attempt >= RESTORE_ATTEMPTS
-                        || e.downcast_ref::<restore::SpoolCorrupt>().is_some()
-                        || e.chain().any(|c| {
-                            c.downcast_ref::<std::io::Error>()
-                                .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
-                        }) =>
-                {
-                    // Retrying from this spool cannot help: drop it.
-                    self.inner.spool.remove(&path).await;
-                    partials.forget(job_id, chunk_id);
-                    return Err(e);
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        chunk = chunk_id,
-                        attempt,
-                        "failed to restore, retrying from spool: {e:#}"
-                    );
-                    tokio::select! {
-                        _ = stop.cancelled() => return Err(partial_stopped(chunk_id)),
-                        _ = tokio::time::sleep(restore_backoff(attempt)) => {}
-                    }
-                }
+        let applied = match self
+            .retry_from_spool("chunk", chunk_id, &stop, |c| restore::apply(c, &r))
+            .await
+        {
+            Ok(a) => a,
+            // The lease moved on: the spool, complete and verified, is kept for the chunk's
+            // next stream, which then has nothing left to send.
+            Err(Unrestored::LeaseLost(e)) | Err(Unrestored::Stopped(e)) => return Err(e),
+            Err(Unrestored::Hopeless(e)) => {
+                // Retrying from this spool cannot help: drop it.
+                self.inner.spool.remove(&path).await;
+                partials.forget(job_id, chunk_id);
+                return Err(e);
             }
         };
         self.inner.spool.remove(&path).await;
@@ -908,6 +883,65 @@ impl ReceiverService {
         self.inner.partials.forget_job(&req.job_id);
         tracing::info!(job = %req.job_id, schema_dropped, "cleaned up");
         Ok(pb::CleanupReply { schema_dropped })
+    }
+}
+
+/// Why a restore from the spool ended without a commit.
+pub(crate) enum Unrestored {
+    /// The lease moved on; the spool is still good for the chunk's next stream.
+    LeaseLost(anyhow::Error),
+    /// A stream under a newer lease took over while this one waited to retry.
+    Stopped(anyhow::Error),
+    /// Retrying from this spool cannot help (bad input, a spool that no longer checks out or
+    /// is gone, or the attempts used up).
+    Hopeless(anyhow::Error),
+}
+
+impl ReceiverService {
+    /// Run `restore` on a pooled target connection until it commits, retrying a target hiccup
+    /// from the spool with backoff (never by asking the sender for the bytes again). `what`
+    /// and `id` name the chunk or group in the log.
+    pub(crate) async fn retry_from_spool<T, F, Fut>(
+        &self,
+        what: &str,
+        id: u64,
+        stop: &CancellationToken,
+        mut restore: F,
+    ) -> Result<T, Unrestored>
+    where
+        F: FnMut(crate::pool::Pooled) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = match self.inner.pool.get().await {
+                Ok(c) => restore(c).await,
+                Err(e) => Err(e),
+            };
+            let e = match result {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if e.downcast_ref::<restore::LeaseLost>().is_some() {
+                return Err(Unrestored::LeaseLost(e));
+            }
+            if haul_core::status::fatal_message(&e).is_some()
+                || attempt >= RESTORE_ATTEMPTS
+                || e.downcast_ref::<restore::SpoolCorrupt>().is_some()
+                || e.chain().any(|c| {
+                    c.downcast_ref::<std::io::Error>()
+                        .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+                })
+            {
+                return Err(Unrestored::Hopeless(e));
+            }
+            tracing::warn!(%what, id, attempt, "failed to restore, retrying from spool: {e:#}");
+            tokio::select! {
+                _ = stop.cancelled() => return Err(Unrestored::Stopped(partial_stopped(id))),
+                _ = tokio::time::sleep(restore_backoff(attempt)) => {}
+            }
+        }
     }
 }
 

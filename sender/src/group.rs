@@ -16,12 +16,11 @@ use haul_core::bandwidth::Limiter;
 use haul_core::chunk::{table_from_wire, Column, Range};
 use haul_core::ident::TableName;
 use haul_core::row_digest::{CopyDigest, RowDigest};
-use haul_core::status::from_status;
 use haul_proto as pb;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::snapshot::SnapshotReader;
-use crate::transfer::{block_bytes, connections_for, copy_out, frame, send_block};
+use crate::transfer::{abandon, block_bytes, connections_for, copy_out, finish, frame, send_block};
 use crate::worker::Shared;
 
 /// Frames buffered between the reader and the gRPC stream.
@@ -118,50 +117,22 @@ pub async fn run(
         .batch_execute("ROLLBACK TO SAVEPOINT haul_chunk")
         .await
         .context("release group savepoint on source")?;
+    let what = format!("group {} ({} tables)", lease.chunk_id, members.len());
     let (raw_bytes, wire_bytes, blocks, digest, extents) = match streamed {
         Ok(v) => v,
         Err(e) => {
             drop(tx);
-            if let Ok(Ok(Err(status))) =
-                tokio::time::timeout(std::time::Duration::from_secs(2), call).await
-            {
-                return Err(from_status(
-                    status,
-                    &format!("receiver refused group {}", lease.chunk_id),
-                ));
-            }
-            return Err(e);
+            return Err(abandon(call, e, &what).await);
         }
     };
-    tx.send(frame(pb::chunk_frame::Frame::Trailer(pb::ChunkTrailer {
+    let trailer = pb::ChunkTrailer {
         raw_bytes,
         blocks,
         digest: digest.clone(),
         members: extents.clone(),
         ..Default::default()
-    })))
-    .await
-    .ok();
-    drop(tx);
-    let handed = Instant::now();
-    let receipt = call
-        .await
-        .context("group upload task")?
-        .map_err(|s| {
-            from_status(
-                s,
-                &format!(
-                    "receiver did not apply group {} ({} tables)",
-                    lease.chunk_id,
-                    members.len()
-                ),
-            )
-        })?
-        .into_inner();
-    let transit = handed
-        .elapsed()
-        .saturating_sub(std::time::Duration::from_millis(receipt.apply_ms));
-    shared.tune_send(job_id, 0, transit.as_nanos() as u64);
+    };
+    let receipt = finish(shared, job_id, tx, call, trailer, &what).await?;
 
     let mut reports = Vec::with_capacity(extents.len());
     for e in &extents {

@@ -291,46 +291,19 @@ pub async fn run(
                 tracing::warn!(chunk = chunk_id, %table, "{b}; dropped it, the chunk will be read from the source again");
                 shared.staging.remove(job_id, chunk_id).await;
             }
-            // If the receiver ended the call, its status is the better explanation.
-            if let Ok(Ok(Err(status))) =
-                tokio::time::timeout(std::time::Duration::from_secs(2), call).await
-            {
-                return Err(from_status(
-                    status,
-                    &format!("receiver refused chunk {chunk_id} ({table})"),
-                ));
-            }
-            return Err(e);
+            return Err(abandon(call, e, &format!("chunk {chunk_id} ({table})")).await);
         }
     };
-    tx.send(frame(pb::chunk_frame::Frame::Trailer(pb::ChunkTrailer {
+    let trailer = pb::ChunkTrailer {
         raw_bytes,
         blocks,
         digest: digest.clone(),
         row_digest: rows.map(|r| r.to_bytes()).unwrap_or_default(),
         rows: rows.map_or(0, |r| r.rows),
         members: Vec::new(),
-    })))
-    .await
-    .ok();
-    drop(tx);
-    let handed = Instant::now();
-    let receipt = call
-        .await
-        .context("chunk upload task")?
-        .map_err(|s| {
-            from_status(
-                s,
-                &format!("receiver did not apply chunk {chunk_id} ({table})"),
-            )
-        })?
-        .into_inner();
-    // After the last block: the link's time (the window's worth still crossing, and the
-    // round trip), without the receiver's restore.
-    let transit = handed
-        .elapsed()
-        .saturating_sub(std::time::Duration::from_millis(receipt.apply_ms));
-    shared.tune_send(job_id, 0, transit.as_nanos() as u64);
+    };
+    let what = format!("chunk {chunk_id} ({table})");
+    let receipt = finish(shared, job_id, tx, call, trailer, &what).await?;
     shared.staging.remove(job_id, chunk_id).await;
     tracing::debug!(
         chunk = chunk_id, %table, rows = receipt.rows, raw_bytes, wire_bytes,
@@ -707,6 +680,47 @@ impl Read<'_> {
         )
         .await
     }
+}
+
+/// The upload RPC of a chunk stream, running on its own task.
+pub(crate) type Upload =
+    tokio::task::JoinHandle<Result<tonic::Response<pb::ChunkReceipt>, tonic::Status>>;
+
+/// A stream given up on the sending side (`tx` already dropped): if the receiver ended the call,
+/// its status is the better explanation of `e`.
+pub(crate) async fn abandon(call: Upload, e: anyhow::Error, what: &str) -> anyhow::Error {
+    match tokio::time::timeout(std::time::Duration::from_secs(2), call).await {
+        Ok(Ok(Err(status))) => from_status(status, &format!("receiver refused {what}")),
+        _ => e,
+    }
+}
+
+/// End a stream with its trailer and wait for the receiver's receipt (given after the target
+/// committed). The wait after the last block, less the receiver's restore, is the link's time
+/// (the window's worth still crossing, and the round trip): what `--codec adaptive` weighs.
+pub(crate) async fn finish(
+    shared: &Shared,
+    job_id: &str,
+    tx: tokio::sync::mpsc::Sender<pb::ChunkFrame>,
+    call: Upload,
+    trailer: pb::ChunkTrailer,
+    what: &str,
+) -> anyhow::Result<pb::ChunkReceipt> {
+    tx.send(frame(pb::chunk_frame::Frame::Trailer(trailer)))
+        .await
+        .ok();
+    drop(tx);
+    let handed = Instant::now();
+    let receipt = call
+        .await
+        .context("chunk upload task")?
+        .map_err(|s| from_status(s, &format!("receiver did not apply {what}")))?
+        .into_inner();
+    let transit = handed
+        .elapsed()
+        .saturating_sub(std::time::Duration::from_millis(receipt.apply_ms));
+    shared.tune_send(job_id, 0, transit.as_nanos() as u64);
+    Ok(receipt)
 }
 
 /// Start the binary COPY of a chunk's rows out of the source.

@@ -322,6 +322,9 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                         }
                         // Test point: applied on the target, not yet reported.
                         haul_core::failpoint::die("die-before-chunk-report");
+                        if !report.members.is_empty() {
+                            haul_core::failpoint::die("die-before-group-report");
+                        }
                         deliver("report chunk", || {
                             let mut c = shared.peers.coordinator();
                             let report = report.clone();
