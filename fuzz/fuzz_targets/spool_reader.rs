@@ -65,8 +65,10 @@ fuzz_target!(|data: &[u8]| {
             // at most n / 8 + 1 results before the end or an error.
             for _ in 0..=file.len() / 8 + 1 {
                 match r.next_frame().await {
-                    Ok(Some((raw_len, payload))) => {
-                        let Ok(block) = decode(codec, &payload, raw_len as usize) else {
+                    Ok(Some(frame)) => {
+                        let codec = frame.codec_or(codec);
+                        let Ok(block) = decode(codec, &frame.payload, frame.raw_len as usize)
+                        else {
                             return blocks;
                         };
                         assert!(block.len() <= MAX_BLOCK_BYTES, "block of {} bytes", block.len());

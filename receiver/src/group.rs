@@ -98,6 +98,7 @@ impl ReceiverService {
                 0,
                 (job_id, group_id, &mut record),
                 &stop,
+                &mut None,
             )
             .await;
         // A group is never continued at an offset: what an interrupted stream left is useless.

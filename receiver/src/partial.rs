@@ -294,7 +294,7 @@ mod tests {
         let mut w = spool.create(&path).await?;
         for b in &blocks {
             let payload = codec.encode(b)?;
-            crate::spool::write_frame(&mut w, &path, b.len() as u32, &payload).await?;
+            crate::spool::write_frame(&mut w, &path, codec, b.len() as u32, &payload).await?;
         }
         // A frame torn by a crash: its header promises more than follows.
         tokio::io::AsyncWriteExt::write_all(&mut w, &[0xe8, 0x03, 0, 0, 0x40, 0, 0, 0, 1, 2])

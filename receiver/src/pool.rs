@@ -78,6 +78,18 @@ impl Pool {
             .acquire_owned()
             .await
             .map_err(|_| anyhow::anyhow!("target connection pool closed"))?;
+        self.lend(permit).await
+    }
+
+    /// A connection if one is free now, else `None` (for work that has another way to go).
+    pub async fn try_get(&self) -> anyhow::Result<Option<Pooled>> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => self.lend(permit).await.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    async fn lend(&self, permit: OwnedSemaphorePermit) -> anyhow::Result<Pooled> {
         let reused = self.idle.lock().ok().and_then(|mut v| v.pop());
         let client = match reused {
             Some(c) if !c.is_closed() => c,

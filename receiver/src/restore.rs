@@ -4,6 +4,12 @@
 //! before (or is being applied right now by another session, which makes us wait on the key),
 //! nothing is copied. The spool is decoded and re-hashed while it streams into COPY, and the
 //! transaction commits only if that digest equals the sender's.
+//!
+//! A chunk sent from its start is restored while it arrives ([`Live`]): each block goes into
+//! COPY as soon as it is hashed and spooled, and the transaction commits once the trailer's
+//! digest matched (decision 2 holds: nothing commits before the bytes are verified). Receiving
+//! and loading overlap instead of following each other. If the target fails meanwhile, the
+//! live transaction is rolled back and the chunk restored from its spool, as before.
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -69,9 +75,102 @@ pub async fn end_transaction<T>(client: Pooled, result: anyhow::Result<T>) -> an
     }
 }
 
-async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied> {
-    // One round trip: begin, session settings, and the ledger claim.
-    let hex: String = r.digest.iter().map(|b| format!("{b:02x}")).collect();
+/// A chunk being restored while it arrives: its transaction, ledger claim and COPY open.
+pub struct Live {
+    client: Pooled,
+    sink: std::pin::Pin<Box<tokio_postgres::CopyInSink<Bytes>>>,
+    table: String,
+}
+
+impl Live {
+    /// Open the chunk's transaction, claim it in the ledger (digest and size follow at commit)
+    /// and start its COPY. `None` when the ledger already holds the chunk (or another session
+    /// holds it right now): the stream is then only spooled, and the restore from the spool
+    /// says "applied before". Not for large objects, which are staged and applied in steps.
+    pub async fn begin(client: Pooled, r: &Restore<'_>) -> anyhow::Result<Option<Live>> {
+        client.set_in_transaction(true);
+        let opened = async {
+            if !claim(&client, r, true).await? {
+                return Ok(None);
+            }
+            copy_in(&client, r).await.map(Some)
+        }
+        .await;
+        match end_transaction_on_error(client, opened).await? {
+            (client, Some(sink)) => Ok(Some(Live {
+                client,
+                sink: Box::pin(sink),
+                table: r.table.to_string(),
+            })),
+            (client, None) => {
+                drop(client);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Load one verified-so-far block.
+    pub async fn send(&mut self, raw: Bytes) -> anyhow::Result<()> {
+        self.sink.send(raw).await.map_err(|e| {
+            anyhow::anyhow!(
+                "load {} on target: {}",
+                self.table,
+                haul_core::pg::db_error_line(&e)
+            )
+        })
+    }
+
+    /// The whole chunk arrived and its digest matched the sender's: finish the COPY, check the
+    /// lease, record digest, size and rows, commit.
+    pub async fn commit(self, r: &Restore<'_>) -> anyhow::Result<Applied> {
+        let Live {
+            client, mut sink, ..
+        } = self;
+        let result = async {
+            let rows = finish_copy(sink.as_mut(), r).await?;
+            finish(&client, r, rows, true).await
+        }
+        .await;
+        end_transaction(client, result).await
+    }
+
+    /// Give the chunk up (the stream broke, or the target failed): roll back.
+    pub async fn abandon(self) {
+        let Live { client, sink, .. } = self;
+        drop(sink);
+        let _ = end_transaction::<()>(client, Err(anyhow::anyhow!("abandoned"))).await;
+    }
+}
+
+/// Like [`end_transaction`] for a body that leaves the transaction open when it succeeds: the
+/// connection comes back with the value.
+async fn end_transaction_on_error<T>(
+    client: Pooled,
+    result: anyhow::Result<Option<T>>,
+) -> anyhow::Result<(Pooled, Option<T>)> {
+    match result {
+        Ok(Some(v)) => Ok((client, Some(v))),
+        // Not claimed: `claim` rolled back already.
+        Ok(None) => {
+            client.set_in_transaction(false);
+            Ok((client, None))
+        }
+        Err(e) => Err(end_transaction::<()>(client, Err(e))
+            .await
+            .err()
+            .unwrap_or_else(|| anyhow::anyhow!("restore failed"))),
+    }
+}
+
+/// Begin the chunk's transaction and insert its ledger row; false (and rolled back) when the
+/// ledger holds it already. One round trip: begin, session settings, and the claim. `live`:
+/// the digest and size are not known yet and are recorded at commit.
+async fn claim(client: &Pooled, r: &Restore<'_>, live: bool) -> anyhow::Result<bool> {
+    let hex: String = if live {
+        String::new()
+    } else {
+        r.digest.iter().map(|b| format!("{b:02x}")).collect()
+    };
     let begin = format!(
         "BEGIN; SET LOCAL row_security = off;{} \
          INSERT INTO haul.ledger (job_id, chunk_id, epoch, table_name, snapshot_id, digest, rows, raw_bytes) \
@@ -86,7 +185,7 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
         r.epoch,
         quote_literal(&r.table.to_string()),
         quote_literal(r.snapshot_id),
-        r.raw_bytes
+        if live { 0 } else { r.raw_bytes }
     );
     let claimed = client
         .simple_query(&begin)
@@ -101,12 +200,15 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
         .any(|m| matches!(m, SimpleQueryMessage::Row(_)));
     if !claimed {
         client.batch_execute("ROLLBACK").await.context("rollback")?;
-        let (rows, snapshot_id) = crate::ledger::applied(client, r.job_id, r.chunk_id)
-            .await?
-            .unwrap_or_default();
-        return Ok(Applied::Before { rows, snapshot_id });
     }
+    Ok(claimed)
+}
 
+/// Start the chunk's COPY inside its transaction (large objects: into their staging tables).
+async fn copy_in(
+    client: &Pooled,
+    r: &Restore<'_>,
+) -> anyhow::Result<tokio_postgres::CopyInSink<Bytes>> {
     let large_objects = haul_core::large_object::is_large_objects(r.table);
     let sql = if large_objects {
         client
@@ -127,7 +229,7 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             cols.join(", ")
         )
     };
-    let sink = client.copy_in::<_, Bytes>(&sql).await.map_err(|e| {
+    client.copy_in::<_, Bytes>(&sql).await.map_err(|e| {
         let line = format!(
             "cannot load target table {}: {}",
             r.table,
@@ -137,7 +239,17 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             Some(code) if code.starts_with("42") => fatal(line),
             _ => anyhow::anyhow!(line),
         }
-    })?;
+    })
+}
+
+async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied> {
+    if !claim(client, r, false).await? {
+        let (rows, snapshot_id) = crate::ledger::applied(client, r.job_id, r.chunk_id)
+            .await?
+            .unwrap_or_default();
+        return Ok(Applied::Before { rows, snapshot_id });
+    }
+    let sink = copy_in(client, r).await?;
     futures::pin_mut!(sink);
     let mut reader = SpoolReader::open(r.spool, r.codec).await?;
     let mut hasher = blake3::Hasher::new();
@@ -166,23 +278,42 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
             r.chunk_id, r.table
         ))));
     }
-    let refused = |what: &str, e: &tokio_postgres::Error| {
-        let line = format!("{what} on target: {}", haul_core::pg::db_error_line(e));
-        // Rows the target refuses (constraint, type) are bad input, not a transient fault.
-        match e.code().map(|c| c.code()) {
-            Some(code)
-                if code.starts_with("22") || code.starts_with("23") || code.starts_with("42") =>
-            {
-                fatal(line)
-            }
-            _ => anyhow::anyhow!(line),
+    let rows = finish_copy(sink, r).await?;
+    finish(client, r, rows, false).await
+}
+
+/// Rows the target refuses (constraint, type) are bad input, not a transient fault.
+fn refused(what: &str, e: &tokio_postgres::Error) -> anyhow::Error {
+    let line = format!("{what} on target: {}", haul_core::pg::db_error_line(e));
+    match e.code().map(|c| c.code()) {
+        Some(code)
+            if code.starts_with("22") || code.starts_with("23") || code.starts_with("42") =>
+        {
+            fatal(line)
         }
-    };
-    let mut rows = sink
-        .finish()
+        _ => anyhow::anyhow!(line),
+    }
+}
+
+/// End the chunk's COPY: the rows it loaded.
+async fn finish_copy(
+    sink: std::pin::Pin<&mut tokio_postgres::CopyInSink<Bytes>>,
+    r: &Restore<'_>,
+) -> anyhow::Result<u64> {
+    sink.finish()
         .await
-        .map_err(|e| refused(&format!("load {}", r.table), &e))?;
-    if large_objects {
+        .map_err(|e| refused(&format!("load {}", r.table), &e))
+}
+
+/// After the COPY: large objects applied from their staging, the lease checked, the ledger row
+/// completed (`live`: with the digest and size too), and the commit.
+async fn finish(
+    client: &Pooled,
+    r: &Restore<'_>,
+    mut rows: u64,
+    live: bool,
+) -> anyhow::Result<Applied> {
+    if haul_core::large_object::is_large_objects(r.table) {
         // The rows staged are objects' metadata rows and content slices: the chunk's rows, as
         // the ledger counts them, are its objects.
         let out = client
@@ -207,8 +338,14 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
         let what = format!("chunk {} of {}", r.chunk_id, r.table);
         check_lease(fence, r.job_id, r.chunk_id, r.epoch, &what).await?;
     }
+    let recorded = if live {
+        let hex: String = r.digest.iter().map(|b| format!("{b:02x}")).collect();
+        format!(", digest = '\\x{hex}'::bytea, raw_bytes = {}", r.raw_bytes)
+    } else {
+        String::new()
+    };
     let finish = format!(
-        "UPDATE haul.ledger SET rows = {rows} WHERE job_id = {} AND chunk_id = {}; COMMIT",
+        "UPDATE haul.ledger SET rows = {rows}{recorded} WHERE job_id = {} AND chunk_id = {}; COMMIT",
         quote_literal(r.job_id),
         r.chunk_id
     );

@@ -410,6 +410,37 @@ impl ReceiverService {
             );
         }
 
+        let mut r = Restore {
+            job_id,
+            chunk_id,
+            epoch: header.epoch,
+            table: &table,
+            columns: &columns,
+            codec,
+            digest: &[],
+            raw_bytes: 0,
+            spool: &path,
+            replica_role: self.inner.replica_role,
+            snapshot_id: &header.snapshot_id,
+            fence: Some(self.inner.fence.clone()),
+        };
+        // From its start, a chunk of rows is loaded while it arrives, when a target connection
+        // is free for it; otherwise (and on any failure) it is restored from the spool.
+        let mut live = None;
+        if header.resume_from == 0 && !haul_core::large_object::is_large_objects(&table) {
+            // A target that is down now is no reason to refuse the bytes: they are spooled.
+            let opened = match self.inner.pool.try_get().await {
+                Ok(Some(client)) => restore::Live::begin(client, &r).await,
+                other => other.map(|_| None),
+            };
+            match opened {
+                Ok(l) => live = l,
+                Err(e) => tracing::info!(
+                    chunk = chunk_id, %table,
+                    "cannot load the chunk while it arrives; it is restored from the spool: {e:#}"
+                ),
+            }
+        }
         let received = self
             .receive(
                 &mut frames,
@@ -420,11 +451,15 @@ impl ReceiverService {
                 header.resume_from,
                 (job_id, chunk_id, &mut record),
                 &stop,
+                &mut live,
             )
             .await;
         let (raw_bytes, digest, source_rows, _) = match received {
             Ok(v) => v,
             Err(e) => {
+                if let Some(l) = live.take() {
+                    l.abandon().await;
+                }
                 // Complete frames stay for the next stream, unless space must be freed or the
                 // bytes disagree with the sender's digest.
                 if haul_core::status::exhausted_message(&e).is_some()
@@ -438,28 +473,34 @@ impl ReceiverService {
         };
 
         let applying = std::time::Instant::now();
+        r.digest = &digest;
+        r.raw_bytes = raw_bytes;
         if haul_core::failpoint::fire("corrupt-spool") {
+            // Test point: the spool changes on disk, and the chunk is restored from it.
             spool::flip_a_byte(&path).await;
+            if let Some(l) = live.take() {
+                l.abandon().await;
+            }
         }
-        let r = Restore {
-            job_id,
-            chunk_id,
-            epoch: header.epoch,
-            table: &table,
-            columns: &columns,
-            codec,
-            digest: &digest,
-            raw_bytes,
-            spool: &path,
-            replica_role: self.inner.replica_role,
-            snapshot_id: &header.snapshot_id,
-            fence: Some(self.inner.fence.clone()),
-        };
+        let mut committed = None;
+        if let Some(l) = live.take() {
+            match l.commit(&r).await {
+                Ok(a) => committed = Some(a),
+                Err(e) => tracing::warn!(
+                    chunk = chunk_id, %table,
+                    "loading the chunk while it arrived failed; it is restored from the spool: {e:#}"
+                ),
+            }
+        }
         // A target hiccup is retried from the spool, never by asking for the bytes again.
-        let applied = match self
-            .retry_from_spool("chunk", chunk_id, &stop, |c| restore::apply(c, &r))
-            .await
-        {
+        let restored = match committed {
+            Some(a) => Ok(a),
+            None => {
+                self.retry_from_spool("chunk", chunk_id, &stop, |c| restore::apply(c, &r))
+                    .await
+            }
+        };
+        let applied = match restored {
             Ok(a) => a,
             // The lease moved on: the spool, complete and verified, is kept for the chunk's
             // next stream, which then has nothing left to send.
@@ -627,6 +668,7 @@ impl ReceiverService {
         offset: u64,
         (job_id, chunk_id, record): (&str, u64, &mut partial::Record),
         stop: &CancellationToken,
+        live: &mut Option<restore::Live>,
     ) -> anyhow::Result<Received> {
         let (mut raw_bytes, mut blocks) = (offset, 0u64);
         loop {
@@ -655,19 +697,35 @@ impl ReceiverService {
             match frame.frame {
                 Some(pb::chunk_frame::Frame::Block(b)) => {
                     let raw_len = b.raw_len as usize;
+                    let block_codec = match b.codec {
+                        Some(c) => Codec::from_wire(c, 0)?,
+                        None => codec,
+                    };
                     let payload = b.payload;
                     let (raw, payload) = tokio::task::spawn_blocking(move || {
-                        decode(codec, &payload, raw_len).map(|raw| (raw, payload))
+                        decode(block_codec, &payload, raw_len).map(|raw| (raw, payload))
                     })
                     .await
                     .context("decode task")??;
                     hasher.update(&raw);
                     let partials = &self.inner.partials;
+                    let frame = (block_codec, raw_len as u32, payload.as_slice());
                     self.inner
                         .spool
-                        .write_frame_in_room(&mut file, path, raw_len as u32, &payload, partials)
+                        .write_frame_in_room(&mut file, path, frame, partials)
                         .await?;
                     let end = raw_bytes + raw.len() as u64;
+                    if let Some(l) = live.as_mut() {
+                        if let Err(e) = l.send(bytes::Bytes::from(raw)).await {
+                            tracing::warn!(
+                                chunk = chunk_id,
+                                "loading the chunk while it arrives failed; it is restored from the spool once complete: {e:#}"
+                            );
+                            if let Some(l) = live.take() {
+                                l.abandon().await;
+                            }
+                        }
+                    }
                     // Bytes below the high-water mark arrived once before.
                     record.resent += end.min(record.high_water).saturating_sub(raw_bytes);
                     record.high_water = record.high_water.max(end);

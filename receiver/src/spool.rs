@@ -93,8 +93,7 @@ impl Spool {
         &self,
         w: &mut BufWriter<File>,
         path: &Path,
-        raw_len: u32,
-        payload: &[u8],
+        (codec, raw_len, payload): (Codec, u32, &[u8]),
         partials: &crate::partial::Partials,
     ) -> anyhow::Result<()> {
         let need = 8 + payload.len() as u64;
@@ -105,7 +104,7 @@ impl Spool {
         loop {
             let guard = self.room.lock().await;
             if self.quota == 0 || self.used() + need <= self.quota {
-                write_frame(w, path, raw_len, payload).await?;
+                write_frame(w, path, codec, raw_len, payload).await?;
                 w.flush().await.map_err(|e| write_error(e, path))?;
                 drop(guard);
                 return Ok(());
@@ -251,15 +250,17 @@ pub fn write_error(e: std::io::Error, path: &Path) -> anyhow::Error {
 pub async fn write_frame(
     w: &mut BufWriter<File>,
     path: &Path,
+    codec: Codec,
     raw_len: u32,
     payload: &[u8],
 ) -> anyhow::Result<()> {
-    haul_core::frames::write_frame(w, raw_len, payload)
+    haul_core::frames::write_frame(w, codec, raw_len, payload)
         .await
         .map_err(|e| write_error(e, path))
 }
 
-/// Reads a spool file back block by block, decoded.
+/// Reads a spool file back block by block, decoded, each with the codec its frame names
+/// (`codec`: the file's, for frames written before frames named theirs).
 pub struct SpoolReader {
     frames: FrameReader,
     codec: Codec,
@@ -280,13 +281,15 @@ impl SpoolReader {
 
     /// The next decoded block, or `None` at the end of the file.
     pub async fn next_block(&mut self) -> anyhow::Result<Option<Vec<u8>>> {
-        let Some((raw_len, payload)) = self.frames.next_frame().await? else {
+        let Some(frame) = self.frames.next_frame().await? else {
             return Ok(None);
         };
-        let codec = self.codec;
-        let raw = tokio::task::spawn_blocking(move || decode(codec, &payload, raw_len as usize))
-            .await
-            .context("decode task")??;
+        let codec = frame.codec_or(self.codec);
+        let raw = tokio::task::spawn_blocking(move || {
+            decode(codec, &frame.payload, frame.raw_len as usize)
+        })
+        .await
+        .context("decode task")??;
         Ok(Some(raw))
     }
 }

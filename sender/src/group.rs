@@ -109,7 +109,7 @@ pub async fn run(
         .await
         .context("savepoint on source")?;
     let streamed = stream(
-        shared, job_id, limiter, codec, client, &members, &shapes, &tx,
+        shared, job_id, limiter, &options, client, &members, &shapes, &tx,
     )
     .await;
     // Releases the members' table locks (taken by their COPYs) and clears any error.
@@ -118,7 +118,7 @@ pub async fn run(
         .await
         .context("release group savepoint on source")?;
     let what = format!("group {} ({} tables)", lease.chunk_id, members.len());
-    let (raw_bytes, wire_bytes, blocks, digest, extents) = match streamed {
+    let (raw_bytes, wire_bytes, blocks, digest, extents, mix) = match streamed {
         Ok(v) => v,
         Err(e) => {
             drop(tx);
@@ -160,7 +160,7 @@ pub async fn run(
             mismatch: r.mismatch.clone(),
             row_digest: e.row_digest.clone(),
             digest_rows: e.rows,
-            codec: codec.to_string(),
+            codec: mix.describe(),
             ..Default::default()
         });
     }
@@ -182,7 +182,7 @@ pub async fn run(
         digest,
         already_applied: reports.iter().all(|r| r.already_applied),
         snapshot_id: lease.snapshot_id.clone(),
-        codec: codec.to_string(),
+        codec: mix.describe(),
         members: reports,
         ..Default::default()
     })
@@ -197,7 +197,14 @@ fn share(wire: u64, part: u64, total: u64) -> u64 {
     }
 }
 
-type Streamed = (u64, u64, u64, Vec<u8>, Vec<pb::MemberExtent>);
+type Streamed = (
+    u64,
+    u64,
+    u64,
+    Vec<u8>,
+    Vec<pb::MemberExtent>,
+    haul_core::codec::CodecMix,
+);
 
 /// COPY each member out in turn, into blocks that may span members; each member's rows are
 /// digested on their own, and their extent recorded for the receiver.
@@ -206,7 +213,7 @@ async fn stream(
     shared: &Shared,
     job_id: &str,
     limiter: &Limiter,
-    codec: haul_core::codec::Codec,
+    options: &pb::JobOptions,
     client: &tokio_postgres::Client,
     members: &[Member],
     shapes: &[Option<Vec<haul_core::row_digest::Shape>>],
@@ -215,6 +222,7 @@ async fn stream(
     let mut hasher = blake3::Hasher::new();
     let mut block = BytesMut::with_capacity(haul_core::BLOCK_BYTES);
     let (mut raw_bytes, mut wire_bytes, mut blocks) = (0u64, 0u64, 0u64);
+    let mut mix = haul_core::codec::CodecMix::default();
     let mut extents = Vec::with_capacity(members.len());
     let meta = haul_core::large_object::Metadata {
         owner: false,
@@ -248,6 +256,7 @@ async fn stream(
                 let raw = block.split_to(block.len().min(size)).freeze();
                 hasher.update(&raw);
                 let raw_len = raw.len() as u32;
+                let codec = shared.codec_for(job_id, options)?;
                 let (payload, ns) = tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
                     codec
@@ -260,7 +269,8 @@ async fn stream(
                 raw_bytes += raw_len as u64;
                 wire_bytes += payload.len() as u64;
                 blocks += 1;
-                send_block(shared, job_id, limiter, tx, raw_len, payload).await?;
+                mix.add(codec, raw_len as u64);
+                send_block(shared, job_id, limiter, tx, (codec, raw_len, payload)).await?;
             }
             if done {
                 break;
@@ -284,6 +294,7 @@ async fn stream(
         blocks,
         hasher.finalize().as_bytes().to_vec(),
         extents,
+        mix,
     ))
 }
 

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use futures::StreamExt;
 use haul_core::bandwidth::Limiter;
 use haul_core::chunk::{table_from_wire, Column, Range};
-use haul_core::codec::Codec;
+use haul_core::codec::{Codec, CodecMix};
 use haul_core::frames::FrameReader;
 use haul_core::ident::quote_ident;
 use haul_core::row_digest::{CopyDigest, RowDigest, Shape};
@@ -150,10 +150,8 @@ pub async fn run(
         }
         // Bytes of two snapshots are never joined in one chunk: only a prefix read under the
         // same snapshot as the rest is continued.
-        if begin.resume_from > 0
-            && begin.resume_snapshot_id == snapshot_id
-            && begin.resume_codec == codec.to_wire().0 as i32
-        {
+        // Spool frames name their codecs, so the rest may cross in another codec.
+        if begin.resume_from > 0 && begin.resume_snapshot_id == snapshot_id {
             resume = Some(Prefix {
                 bytes: begin.resume_from,
                 digest: begin.resume_digest,
@@ -211,6 +209,7 @@ pub async fn run(
         columns: &columns,
         range: &range,
         codec,
+        options: &options,
         tx: &tx,
         large_object_meta: haul_core::large_object::Metadata {
             owner: !lease.options.as_ref().is_some_and(|o| o.no_owner),
@@ -283,7 +282,7 @@ pub async fn run(
         copied
     }
     .await;
-    let (raw_bytes, wire_bytes, blocks, digest, rows) = match streamed {
+    let (raw_bytes, wire_bytes, blocks, digest, rows, mix) = match streamed {
         Ok(v) => v,
         Err(e) => {
             drop(tx);
@@ -322,7 +321,7 @@ pub async fn run(
         mismatch: receipt.mismatch,
         check_pending: receipt.check_pending,
         row_digest: rows,
-        codec: codec.to_string(),
+        codec: mix.describe(),
     })
 }
 
@@ -371,7 +370,10 @@ struct Read<'a> {
     table: &'a haul_core::ident::TableName,
     columns: &'a [Column],
     range: &'a Range,
+    /// The codec of a staged chunk's untagged frames, and the header's.
     codec: Codec,
+    /// Where each block's codec comes from (`Shared::codec_for`).
+    options: &'a pb::JobOptions,
     tx: &'a tokio::sync::mpsc::Sender<pb::ChunkFrame>,
     /// For a large-object chunk: which metadata its objects carry.
     large_object_meta: haul_core::large_object::Metadata,
@@ -380,8 +382,9 @@ struct Read<'a> {
 }
 
 /// What one read of a chunk produced: raw bytes (the whole chunk), wire bytes and blocks (this
-/// stream or stage), the blake3 of the raw bytes, and the rows' digest when asked for.
-type Streamed = (u64, u64, u64, Vec<u8>, Option<RowDigest>);
+/// stream or stage), the blake3 of the raw bytes, the rows' digest when asked for, and the
+/// codecs its blocks took.
+type Streamed = (u64, u64, u64, Vec<u8>, Option<RowDigest>, CodecMix);
 
 impl Read<'_> {
     /// Read the chunk from the source straight onto the wire.
@@ -406,13 +409,14 @@ impl Read<'_> {
         let path = staging.path(job_id, chunk_id);
         let result = async {
             let file = tokio::io::BufWriter::with_capacity(256 * 1024, file);
-            let (raw_bytes, _, frames, digest, rows) = self
+            let (raw_bytes, _, frames, digest, rows, _) = self
                 .source(Out::Stage {
                     file,
                     path: &path,
                     progress: &progress,
                 })
                 .await?;
+            // Frames name their own codecs; the record's is for frames from before they did.
             let (codec, zstd_level) = self.codec.to_wire();
             let staged = crate::staging::Staged {
                 snapshot_id: snapshot_id.to_string(),
@@ -487,6 +491,7 @@ impl Read<'_> {
             _ => 0,
         };
         let (mut raw_bytes, mut wire_bytes, mut blocks) = (skip, 0u64, 0u64);
+        let mut mix = CodecMix::default();
         if let Out::Wire { header, .. } = &out {
             if skip == 0 {
                 self.send_header(header.clone()).await;
@@ -531,11 +536,19 @@ impl Read<'_> {
             let block_bytes = block_bytes(self.limiter);
             while block.len() >= block_bytes || (done && !block.is_empty()) {
                 let take = block.len().min(block_bytes);
-                let raw = block.split_to(take).freeze();
+                let mut raw = block.split_to(take).freeze();
                 hasher.update(&raw);
+                if haul_core::failpoint::fire("corrupt-block") {
+                    // Test point: a block changes between its hash and the wire (a fault in
+                    // the sender's memory); the receiver must never commit it.
+                    let mut bad = raw.to_vec();
+                    let i = bad.len() / 2;
+                    bad[i] ^= 0x5a;
+                    raw = bad.into();
+                }
                 let raw_len = raw.len() as u32;
                 // Compression and the row digest are CPU work: keep them off the async workers.
-                let codec = self.codec;
+                let codec = self.shared.codec_for(self.job_id, self.options)?;
                 let mut digesting = rows.take();
                 let (payload, digested, compress_ns) = tokio::task::spawn_blocking(move || {
                     if let Some(r) = digesting.as_mut() {
@@ -553,15 +566,16 @@ impl Read<'_> {
                 raw_bytes += raw_len as u64;
                 wire_bytes += payload.len() as u64;
                 blocks += 1;
+                mix.add(codec, raw_len as u64);
                 match &mut out {
-                    Out::Wire { .. } => self.send_block(raw_len, payload).await?,
+                    Out::Wire { .. } => self.send_block(codec, raw_len, payload).await?,
                     Out::Stage {
                         file,
                         path,
                         progress,
                     } => {
                         let write = async {
-                            haul_core::frames::write_frame(file, raw_len, &payload).await?;
+                            haul_core::frames::write_frame(file, codec, raw_len, &payload).await?;
                             file.flush().await
                         };
                         write
@@ -582,6 +596,7 @@ impl Read<'_> {
             blocks,
             hasher.finalize().as_bytes().to_vec(),
             rows,
+            mix,
         ))
     }
 
@@ -598,6 +613,7 @@ impl Read<'_> {
         let mut hasher = blake3::Hasher::new();
         let skip = resume.map_or(0, |p| p.bytes);
         let (mut offset, mut read_frames, mut wire_bytes, mut blocks) = (0u64, 0u64, 0u64, 0u64);
+        let mut mix = CodecMix::default();
         if skip == 0 {
             self.send_header(header.clone()).await;
         }
@@ -613,13 +629,13 @@ impl Read<'_> {
                 progress.changed().await.context("staging chunk stopped")?;
                 continue;
             }
-            let (raw_len, payload) =
-                frames.next_frame().await.map_err(broken)?.ok_or_else(|| {
-                    broken(anyhow::anyhow!("staging file is shorter than its record"))
-                })?;
+            let frame = frames.next_frame().await.map_err(broken)?.ok_or_else(|| {
+                broken(anyhow::anyhow!("staging file is shorter than its record"))
+            })?;
+            let (codec, raw_len, payload) =
+                (frame.codec_or(self.codec), frame.raw_len, frame.payload);
             read_frames += 1;
             if offset < skip {
-                let codec = self.codec;
                 let raw = tokio::task::spawn_blocking(move || {
                     haul_core::codec::decode(codec, &payload, raw_len as usize)
                 })
@@ -644,7 +660,8 @@ impl Read<'_> {
             offset += raw_len as u64;
             wire_bytes += payload.len() as u64;
             blocks += 1;
-            self.send_block(raw_len, payload).await?;
+            mix.add(codec, raw_len as u64);
+            self.send_block(codec, raw_len, payload).await?;
         }
         if offset < skip {
             return Err(short_source(skip - offset));
@@ -659,7 +676,7 @@ impl Read<'_> {
                 "staging file holds {offset} bytes, its record says {raw_bytes}"
             )));
         }
-        Ok((raw_bytes, wire_bytes, blocks, digest, rows))
+        Ok((raw_bytes, wire_bytes, blocks, digest, rows, mix))
     }
 
     async fn send_header(&self, header: pb::ChunkHeader) {
@@ -669,14 +686,13 @@ impl Read<'_> {
             .ok();
     }
 
-    async fn send_block(&self, raw_len: u32, payload: Vec<u8>) -> anyhow::Result<()> {
+    async fn send_block(&self, codec: Codec, raw_len: u32, payload: Vec<u8>) -> anyhow::Result<()> {
         send_block(
             self.shared,
             self.job_id,
             self.limiter,
             self.tx,
-            raw_len,
-            payload,
+            (codec, raw_len, payload),
         )
         .await
     }
@@ -697,7 +713,7 @@ pub(crate) async fn abandon(call: Upload, e: anyhow::Error, what: &str) -> anyho
 
 /// End a stream with its trailer and wait for the receiver's receipt (given after the target
 /// committed). The wait after the last block, less the receiver's restore, is the link's time
-/// (the window's worth still crossing, and the round trip): what `--codec adaptive` weighs.
+/// (the window's worth still crossing, and the round trip): what `--codec auto` weighs.
 pub(crate) async fn finish(
     shared: &Shared,
     job_id: &str,
@@ -765,14 +781,17 @@ pub(crate) async fn send_block(
     job_id: &str,
     limiter: &Limiter,
     tx: &tokio::sync::mpsc::Sender<pb::ChunkFrame>,
-    raw_len: u32,
-    payload: Vec<u8>,
+    (codec, raw_len, payload): (Codec, u32, Vec<u8>),
 ) -> anyhow::Result<()> {
     let waited = Instant::now();
     limiter.consume(payload.len()).await;
     shared.stats.add_bytes(raw_len as u64, payload.len() as u64);
     shared.count_sent(job_id, payload.len() as u64);
-    let block = pb::ChunkBlock { raw_len, payload };
+    let block = pb::ChunkBlock {
+        raw_len,
+        payload,
+        codec: Some(codec.to_wire().0 as i32),
+    };
     if tx
         .send(frame(pb::chunk_frame::Frame::Block(block)))
         .await
@@ -780,7 +799,7 @@ pub(crate) async fn send_block(
     {
         anyhow::bail!("receiver closed the chunk stream early");
     }
-    // Time spent on the cap and the HTTP/2 window: what `--codec adaptive` weighs compression
+    // Time spent on the cap and the HTTP/2 window: what `--codec auto` weighs compression
     // against.
     shared.tune_send(job_id, raw_len as u64, waited.elapsed().as_nanos() as u64);
     Ok(())

@@ -13,7 +13,7 @@
 //! of incompressible bytea; scenarios `loopback 100M-60ms 100M-150ms lfn` (the last is 1 Gbit/s,
 //! 150 ms, at most 50 Mbit/s per TCP connection), then `cap`. Figures from one run on a shared
 //! machine: compare ratios. `HAUL_BENCH_CODEC=adaptive` runs haul with that `--codec` and
-//! prints its choices.
+//! prints its choices; `HAUL_BENCH_ARGS="--no-verify"` adds flags to `haul start`.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -309,6 +309,10 @@ fn haul_move(
     if !codec.is_empty() {
         start.extend(["--codec", codec.as_str()]);
     }
+    // HAUL_BENCH_ARGS: more `haul start` flags, split on spaces (`--no-verify`, say), to see
+    // what a part of haul costs.
+    let extra = std::env::var("HAUL_BENCH_ARGS").unwrap_or_default();
+    start.extend(extra.split_whitespace());
     match cap {
         // The data that does not compress, in small chunks: both senders busy throughout.
         Some((first, _, _)) => start.extend([

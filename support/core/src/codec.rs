@@ -19,9 +19,9 @@ pub enum Codec {
     Lz4,
 }
 
-/// The codec an operator asked for. `auto` is zstd at a level that keeps up with a gigabit
-/// link on one core. `adaptive` (experimental) lets each sender choose per chunk ([`Tuner`]);
-/// a receiver needs no level to decode, so the choice is the sender's alone.
+/// The codec an operator asked for. `auto` (the default; `adaptive` is another name for it)
+/// lets each sender choose per block ([`Tuner`]), starting at zstd:3; a receiver needs no level
+/// to decode, and every block names its codec, so the choice is the sender's alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodecChoice {
     Auto,
@@ -146,7 +146,32 @@ pub fn decode(codec: Codec, payload: &[u8], raw_len: usize) -> anyhow::Result<Ve
     Ok(out)
 }
 
-/// The codecs `--codec adaptive` chooses among, from cheapest to best ratio.
+/// The codecs one chunk's blocks took, with the raw bytes each carried: with `--codec auto` the
+/// choice is made per block, so a chunk can start with one codec and end with another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CodecMix(Vec<(Codec, u64)>);
+
+impl CodecMix {
+    pub fn add(&mut self, codec: Codec, raw: u64) {
+        match self.0.iter_mut().find(|(c, _)| *c == codec) {
+            Some((_, n)) => *n += raw,
+            None => self.0.push((codec, raw)),
+        }
+    }
+
+    /// `zstd:3` when every block took one codec, else the codecs by raw bytes carried, most
+    /// first: `none+zstd:3`. Empty when no block was sent.
+    pub fn describe(&self) -> String {
+        let mut v = self.0.clone();
+        v.sort_by_key(|b| std::cmp::Reverse(b.1));
+        v.iter()
+            .map(|(c, _)| c.to_string())
+            .collect::<Vec<_>>()
+            .join("+")
+    }
+}
+
+/// The codecs `--codec auto` chooses among, from cheapest to best ratio.
 pub const LADDER: [Codec; 6] = [
     Codec::None,
     Codec::Lz4,
@@ -159,7 +184,7 @@ pub const LADDER: [Codec; 6] = [
 /// Raw bytes observed between two decisions.
 const TUNER_WINDOW: u64 = 8 << 20;
 
-/// `--codec adaptive`: one sender's choice of codec for a job's next chunk, from what its streams
+/// `--codec auto`: one sender's choice of codec for a job's next block, from what its streams
 /// spend per raw byte compressing (CPU) against waiting to send (the link, or the cap). A
 /// stream that waits on the wire much longer than it compresses has CPU to spare for a better
 /// ratio, which makes fewer bytes to wait for: one step up the ladder. One that compresses
@@ -197,7 +222,7 @@ impl Default for Tuner {
 }
 
 impl Tuner {
-    /// The codec for the next chunk.
+    /// The codec for the next block.
     pub fn codec(&self) -> Codec {
         LADDER[self.step]
     }
@@ -246,7 +271,7 @@ impl Tuner {
                 to = %LADDER[self.step],
                 compress_ns_per_byte = c,
                 wait_ns_per_byte = s,
-                "codec choice changed (--codec adaptive)"
+                "codec choice changed (--codec auto)"
             );
         }
         *self = Tuner {
@@ -261,6 +286,18 @@ impl Tuner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mix_names_its_codecs_by_bytes_carried() {
+        let mut m = CodecMix::default();
+        assert_eq!(m.describe(), "");
+        m.add(Codec::Zstd { level: 3 }, 10);
+        assert_eq!(m.describe(), "zstd:3");
+        m.add(Codec::None, 8);
+        m.add(Codec::None, 8);
+        m.add(Codec::Zstd { level: 3 }, 1);
+        assert_eq!(m.describe(), "none+zstd:3");
+    }
 
     #[test]
     fn the_tuner_climbs_on_a_slow_link_and_falls_on_a_fast_one() {
