@@ -51,6 +51,11 @@ pub enum Command {
     Status(StatusArgs),
     /// Change a running job's bandwidth cap: a rate, off, or a timetable.
     Bwlimit(BwlimitArgs),
+    /// Pause a running job: its leases are revoked and nothing more of it is sent, until
+    /// `haul resume`.
+    Pause(SteerArgs),
+    /// Resume a paused job: chunks continue at the byte offsets the receivers hold.
+    Resume(SteerArgs),
     /// Move a database on one host: all three roles in this process, still over mTLS on loopback.
     Copy(CopyArgs),
     /// Compare two databases chunk by chunk (row digests), and their large objects and
@@ -212,6 +217,10 @@ pub struct JobArgs {
     /// Only these tables: comma-separated globs on schema.table or table.
     #[arg(long, value_name = "PATTERN")]
     pub tables: Option<String>,
+    /// Leave these tables out (comma-separated globs on schema.table or table); the rest of
+    /// the database moves, as with pg_dump --exclude-table.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude_tables: Option<String>,
     /// Split tables larger than this into chunks, e.g. 256MB.
     #[arg(long, value_name = "SIZE")]
     pub chunk_size: Option<String>,
@@ -290,6 +299,19 @@ pub struct BwlimitArgs {
     /// "Mon-Fri 08:00,200Mbit 19:00,off; Sat-Sun off" (in the coordinator's time zone).
     #[arg(value_name = "RATE|off|TIMETABLE")]
     pub spec: String,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct SteerArgs {
+    /// The coordinator to talk to, HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    /// Directory with ca.pem and the operator's certificate and key.
+    #[arg(long, value_name = "DIR")]
+    pub certs: Option<PathBuf>,
+    /// Job id; default the latest.
+    #[arg(long)]
+    pub job: Option<String>,
 }
 
 #[derive(Args, Debug, Default)]

@@ -33,6 +33,8 @@ fn main() -> ExitCode {
         | Command::Start(_)
         | Command::Status(_)
         | Command::Bwlimit(_)
+        | Command::Pause(_)
+        | Command::Resume(_)
         | Command::Certs(_) => "warn",
         _ => "info",
     };
@@ -139,6 +141,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Start(a) => operator::start(a).await,
         Command::Status(a) => operator::status(a).await,
         Command::Bwlimit(a) => operator::bwlimit(a).await,
+        Command::Pause(a) => operator::steer(a, haul_proto::Steer::Pause).await,
+        Command::Resume(a) => operator::steer(a, haul_proto::Steer::Resume).await,
         Command::Copy(a) => copy::run(a, shutdown).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Demo(a) => demo::run(a, shutdown).await,

@@ -15,7 +15,7 @@ use haul_proto::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use crate::agents::{load_tls, parse_dial, required};
-use crate::cli::{BwlimitArgs, JobArgs, StartArgs, StatusArgs};
+use crate::cli::{BwlimitArgs, JobArgs, StartArgs, StatusArgs, SteerArgs};
 
 pub const DEFAULT_CHUNK: &str = "256MB";
 
@@ -51,6 +51,7 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         }
     };
     let tables = table_patterns(a.tables.as_deref());
+    let exclude_tables = table_patterns(a.exclude_tables.as_deref());
     Ok(pb::JobOptions {
         codec: codec as i32,
         zstd_level: level,
@@ -59,6 +60,7 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         bwlimit,
         connections,
         codec_auto,
+        exclude_tables,
         create_schema: !a.no_schema,
         verify: !a.no_verify,
         tables,
@@ -129,6 +131,30 @@ pub async fn bwlimit(a: BwlimitArgs) -> anyhow::Result<ExitCode> {
         .map_err(|s| fatal(s.message().to_string()))?
         .into_inner();
     println!("job {}: cap now {}", r.job_id, r.cap);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `haul pause` and `haul resume`.
+pub async fn steer(a: SteerArgs, steer: pb::Steer) -> anyhow::Result<ExitCode> {
+    let coordinator = parse_dial(&required(a.coordinator, "coordinator")?, "coordinator")?;
+    let certs = required(a.certs, "certs")?;
+    let mut c = client(&coordinator, &certs).await?;
+    let r = c
+        .steer_job(pb::SteerJobRequest {
+            job_id: a.job.unwrap_or_default(),
+            steer: steer as i32,
+        })
+        .await
+        .map_err(|s| fatal(s.message().to_string()))?
+        .into_inner();
+    if r.paused {
+        println!(
+            "job {}: paused while {}; {} lease(s) revoked; `haul resume` continues it where it stopped",
+            r.job_id, r.phase, r.leases_revoked
+        );
+    } else {
+        println!("job {}: resumed ({})", r.job_id, r.phase);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -316,7 +342,9 @@ pub fn progress_line(s: &pb::JobStatusReply) -> String {
     } else {
         String::new()
     };
-    let phase = if s.step.is_empty() {
+    let phase = if s.paused {
+        format!("{} (paused)", s.phase)
+    } else if s.step.is_empty() {
         s.phase.clone()
     } else {
         format!("{} ({})", s.phase, s.step)
@@ -500,6 +528,7 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "table_progress": tables, "mismatches": mismatches,
         "cap_bytes_per_sec": s.cap_bytes_per_sec, "cap": s.cap, "wire_rate": s.wire_rate,
         "codecs": s.codecs,
+        "paused": s.paused,
     })
     .to_string()
 }

@@ -52,7 +52,8 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 
     let src = source.connect("haul-verify").await?;
     let dst = target.connect("haul-verify").await?;
-    let mut tables = haul_sender::catalog::measure_tables(&src, &patterns, chunk_bytes).await?;
+    let mut tables =
+        haul_sender::catalog::measure_tables(&src, &patterns, &[], chunk_bytes).await?;
     if patterns.is_empty() {
         tables.extend(haul_sender::catalog::measure_large_objects(&src, chunk_bytes).await?);
     }

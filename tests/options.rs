@@ -1,5 +1,5 @@
 //! Job options end to end: `--tables` moves only matching tables (bringing partition parents
-//! along), every codec produces an identical target, `--bwlimit` holds the wire rate down, and
+//! along), `--exclude-tables` leaves tables out, every codec produces an identical target, `--bwlimit` holds the wire rate down, and
 //! `--no-verify` says so.
 
 mod common;
@@ -50,6 +50,46 @@ fn tables_codecs_and_caps() -> anyhow::Result<()> {
         "SELECT (SELECT count(*) FROM public.items), (SELECT count(*) FROM public.m), to_regclass('public.notes') IS NULL",
     )?;
     assert_eq!(got.trim(), "5000|1000|t");
+
+    // Everything but notes and items: the rest of the database (a view on m included) moves
+    // and verifies; the excluded tables do not exist on the target.
+    c.psql("src", "CREATE VIEW public.m_view AS SELECT k FROM public.m")?;
+    c.create_database("except")?;
+    let stdout = run(&[
+        "copy",
+        "--source",
+        &c.url("src"),
+        "--target",
+        &c.url("except"),
+        "--exclude-tables",
+        "notes,public.item*",
+    ]);
+    assert!(stdout.contains("verified"), "{stdout}");
+    let got = c.psql(
+        "except",
+        "SELECT (SELECT count(*) FROM public.m_view), to_regclass('public.notes') IS NULL, to_regclass('public.items') IS NULL",
+    )?;
+    assert_eq!(got.trim(), "1000|t|t");
+    c.psql("src", "DROP VIEW public.m_view")?;
+    // Excluding every table is refused before anything is written.
+    c.create_database("none")?;
+    let out = haul(&[
+        "copy",
+        "--source",
+        &c.url("src"),
+        "--target",
+        &c.url("none"),
+        "--exclude-tables",
+        "*",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leaves no table to move"), "{err}");
+    let left = c.psql(
+        "none",
+        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public'",
+    )?;
+    assert_eq!(left.trim(), "0", "objects were created on the target");
 
     // Every codec gives an identical database.
     for (db, extra) in [

@@ -67,6 +67,8 @@ pub struct Options {
     pub connections: u32,
     #[serde(default)]
     pub codec_auto: bool,
+    #[serde(default)]
+    pub exclude_tables: Vec<String>,
 }
 
 impl From<&haul_proto::JobOptions> for Options {
@@ -88,6 +90,7 @@ impl From<&haul_proto::JobOptions> for Options {
             bwlimit: o.bwlimit.clone(),
             connections: o.connections,
             codec_auto: o.codec_auto,
+            exclude_tables: o.exclude_tables.clone(),
         }
     }
 }
@@ -111,6 +114,7 @@ impl Options {
             bwlimit: self.bwlimit.clone(),
             connections: self.connections,
             codec_auto: self.codec_auto,
+            exclude_tables: self.exclude_tables.clone(),
         }
     }
 
@@ -160,6 +164,9 @@ pub struct JobRecord {
     /// Cleared when a chunk completes.
     #[serde(default)]
     pub warning: String,
+    /// `haul pause`: the job holds no leases and is handed out to nobody until `haul resume`.
+    #[serde(default)]
+    pub paused: bool,
     /// The finalize task is out (with the planner); not handed out twice at once.
     #[serde(default)]
     pub finalize_leased: bool,
@@ -353,6 +360,7 @@ impl Job {
                 snapshot_lost: false,
                 snapshot_leased: false,
                 warning: String::new(),
+                paused: false,
             },
             tables: Vec::new(),
             chunks: Vec::new(),
@@ -391,6 +399,24 @@ impl Job {
             .map(|(c, n)| format!("{c} x{n}"))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// Pause (`haul pause`): every chunk leased goes back to pending, without counting as an
+    /// attempt. Its holder hears at its next renewal that the lease is revoked, and the
+    /// receiver refuses to commit under it (`CheckLease`); what the receiver spooled stays, so
+    /// the next lease continues at its offset. Returns the leases revoked, and the chunks
+    /// changed (to be written down, so a restart does not bring the leases back).
+    pub fn pause(&mut self) -> (usize, Vec<Chunk>) {
+        self.record.paused = true;
+        let revoked = self.leases_out();
+        let mut changed = Vec::new();
+        for c in &mut self.chunks {
+            if matches!(c.state, ChunkState::Leased { .. }) {
+                c.state = ChunkState::Pending;
+                changed.push(c.clone());
+            }
+        }
+        (revoked, changed)
     }
 
     /// Leases out now, with any sender (a group's lease counts once).
@@ -624,6 +650,7 @@ mod tests {
                 bwlimit: String::new(),
                 connections: 0,
                 codec_auto: false,
+                exclude_tables: Vec::new(),
             },
         );
         for i in 0..n {
@@ -637,6 +664,28 @@ mod tests {
             ));
         }
         j
+    }
+
+    #[test]
+    fn a_pause_returns_every_lease_without_counting_an_attempt() {
+        let mut j = job_with(3);
+        for c in &mut j.chunks[..2] {
+            c.epoch = 4;
+            c.state = ChunkState::Leased {
+                agent: "sender/a".into(),
+                since_unix_ms: now_ms(),
+            };
+        }
+        let (revoked, changed) = j.pause();
+        assert_eq!((revoked, changed.len()), (2, 2));
+        assert!(j.record.paused);
+        assert_eq!(j.leases_out(), 0);
+        assert!(j
+            .chunks
+            .iter()
+            .all(|c| c.state == ChunkState::Pending && c.attempts == 0));
+        // The next lease of each is a new epoch (the old one can no longer commit).
+        assert_eq!(j.chunks[0].epoch, 4);
     }
 
     #[test]

@@ -208,7 +208,11 @@ impl State {
             }
             return Some(pb::sender_task::Task::Verify(task));
         }
-        for j in self.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+        for j in self
+            .jobs
+            .iter_mut()
+            .filter(|j| !j.record.phase.is_over() && !j.record.paused)
+        {
             if j.record.snapshot_lost {
                 // Nothing of this job can be read until a sender exports a new snapshot.
                 if j.record.snapshot_leased {
@@ -1191,6 +1195,54 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
+    async fn steer_job(
+        &self,
+        req: Request<pb::SteerJobRequest>,
+    ) -> Result<Response<pb::SteerJobReply>, Status> {
+        haul_certs::require(&req, &[Role::Operator])?;
+        let r = req.into_inner();
+        let steer = pb::Steer::try_from(r.steer).unwrap_or(pb::Steer::Unspecified);
+        let mut st = self.inner.state.lock().await;
+        let index = st.operator_job(&r.job_id)?;
+        let job = &mut st.jobs[index];
+        if job.record.phase.is_over() {
+            return Err(Status::failed_precondition(format!(
+                "job {} is {}; only a job that is still moving can be paused or resumed",
+                job.record.id,
+                job.record.phase.as_str()
+            )));
+        }
+        let (revoked, changed) = match steer {
+            pb::Steer::Pause => job.pause(),
+            pb::Steer::Resume => {
+                job.record.paused = false;
+                (0, Vec::new())
+            }
+            pb::Steer::Unspecified => {
+                return Err(Status::invalid_argument("say pause or resume"));
+            }
+        };
+        let record = job.record.clone();
+        drop(st);
+        if !changed.is_empty() {
+            self.inner
+                .store
+                .put_chunks(&record.id, &changed)
+                .map_err(to_status)?;
+        }
+        self.inner.save(&record).await?;
+        if !record.paused {
+            self.inner.work.notify_waiters();
+        }
+        tracing::info!(job = %record.id, paused = record.paused, leases_revoked = revoked, "job {}", if record.paused { "paused" } else { "resumed" });
+        Ok(Response::new(pb::SteerJobReply {
+            job_id: record.id,
+            phase: record.phase.as_str().to_string(),
+            paused: record.paused,
+            leases_revoked: revoked as u32,
+        }))
+    }
+
     async fn start_verify(
         &self,
         req: Request<pb::StartVerifyRequest>,
@@ -1281,6 +1333,7 @@ impl Coordinator for CoordinatorService {
         reply.cap_bytes_per_sec = cap;
         reply.cap = text;
         reply.codecs = job.codecs();
+        reply.paused = job.record.paused;
         reply.wire_rate = if job.record.phase.is_over() {
             0.0
         } else {

@@ -21,9 +21,38 @@ const NOT_EXTENSION: &str =
 
 /// Every table that holds rows of its own (plain, unlogged, leaf partitions, inheritance parents
 /// and children), measured. Partitioned parents hold no rows and are not listed.
+/// The tables and partitioned tables (of the schemas haul moves) that `patterns` name, for
+/// pg_dump's `--exclude-table`, each exactly.
+pub async fn tables_matching(
+    client: &Client,
+    patterns: &[String],
+) -> anyhow::Result<Vec<TableName>> {
+    if patterns.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!(
+                "SELECT n.nspname::text, c.relname::text \
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.relkind IN ('r', 'p') AND {SKIP_SCHEMAS} AND {NOT_EXTENSION} \
+                 ORDER BY 1, 2"
+            ),
+            &[],
+        )
+        .await
+        .context("list source tables")?;
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|t| patterns.iter().any(|p| matches_pattern(p, t)))
+        .collect())
+}
+
 pub async fn measure_tables(
     client: &Client,
     patterns: &[String],
+    exclude: &[String],
     chunk_bytes: u64,
 ) -> anyhow::Result<Vec<TableMeasure>> {
     let rows = client
@@ -46,6 +75,9 @@ pub async fn measure_tables(
         if !patterns.is_empty() && !patterns.iter().any(|p| matches_pattern(p, &table)) {
             continue;
         }
+        if exclude.iter().any(|p| matches_pattern(p, &table)) {
+            continue;
+        }
         let bytes: i64 = r.get(5);
         let block = 8192i64;
         by_oid.insert(r.get::<_, i64>(0), tables.len());
@@ -59,10 +91,21 @@ pub async fn measure_tables(
             pages: (bytes / block).max(r.get::<_, i64>(3)),
         });
     }
+    if patterns.is_empty() && !exclude.is_empty() && tables.is_empty() {
+        return Err(fatal(format!(
+            "--exclude-tables {} leaves no table to move; narrow the patterns",
+            exclude.join(",")
+        )));
+    }
     if !patterns.is_empty() && tables.is_empty() {
         return Err(fatal(format!(
-            "no source table matches --tables {}; list tables with psql's \\dt and fix the pattern",
-            patterns.join(",")
+            "no source table matches --tables {}{}; list tables with psql's \\dt and fix the pattern",
+            patterns.join(","),
+            if exclude.is_empty() {
+                String::new()
+            } else {
+                format!(" outside --exclude-tables {}", exclude.join(","))
+            }
         )));
     }
 

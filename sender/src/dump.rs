@@ -43,6 +43,8 @@ pub struct SchemaUpload<'a> {
     pub pg_dump: Option<std::path::PathBuf>,
     /// `-t` patterns when only some tables move; empty means the whole database.
     pub only: Vec<String>,
+    /// `--exclude-table` patterns (`--exclude-tables`): each one table, exactly.
+    pub except: Vec<String>,
 }
 
 /// Dump `section` and send it; returns the receiver's count of applied or stored objects.
@@ -138,6 +140,9 @@ async fn produce(
     }
     for t in &up.only {
         cmd.arg(format!("--table={t}"));
+    }
+    for t in &up.except {
+        cmd.arg(format!("--exclude-table={t}"));
     }
     let mut child = cmd
         .spawn()

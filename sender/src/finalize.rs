@@ -45,7 +45,8 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
 
     let sequences = catalog::sequences(client).await?;
     let matviews = catalog::populated_matviews(client).await?;
-    let mut tables = catalog::measure_tables(client, &options.tables, 0).await?;
+    let mut tables =
+        catalog::measure_tables(client, &options.tables, &options.exclude_tables, 0).await?;
     // Large objects are verified as one more "table": their count and contents.
     if options.tables.is_empty() {
         tables.extend(catalog::measure_large_objects(client, 0).await?);

@@ -22,8 +22,13 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     if options.create_schema {
         catalog::check_lock_capacity(&holder.client).await?;
     }
-    let mut tables =
-        catalog::measure_tables(&holder.client, &options.tables, options.chunk_bytes).await?;
+    let mut tables = catalog::measure_tables(
+        &holder.client,
+        &options.tables,
+        &options.exclude_tables,
+        options.chunk_bytes,
+    )
+    .await?;
     // Large objects belong to the database, not to a table: they move with a whole-database
     // job, as pg_dump carries them only then.
     let large_objects = if options.tables.is_empty() {
@@ -58,6 +63,11 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     } else {
         with_partition_ancestors(&holder.client, &tables).await?
     };
+    let except = catalog::tables_matching(&holder.client, &options.exclude_tables)
+        .await?
+        .iter()
+        .map(|t| format!("{}.{}", dump_pattern(&t.schema), dump_pattern(&t.name)))
+        .collect();
     // Keep the snapshot alive for the chunk readers and the finalize step.
     shared.hold_snapshot(&job_id, holder).await;
 
@@ -77,6 +87,7 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
         source_version,
         pg_dump: shared.config.pg_dump.clone(),
         only,
+        except,
     };
     // Post-data is only stored by the receiver, so it is dumped while pre-data is applied.
     let pre = dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPre);

@@ -291,7 +291,7 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 let result = tokio::select! {
                     r = moved => r,
                     _ = revoked.cancelled() => Err(anyhow::anyhow!(
-                        "lease on chunk {} was revoked (it expired or went to another sender); stopped sending it",
+                        "lease on chunk {} was revoked (it expired, went to another sender, or the job was paused); stopped sending it",
                         lease.chunk_id
                     )),
                 };
