@@ -72,11 +72,26 @@ pub async fn coordinator(a: CoordinatorArgs, shutdown: CancellationToken) -> any
         })?,
         None => Duration::from_secs(60),
     };
-    if a.http.is_some() {
-        tracing::warn!(
-            "--http: the web dashboard is not available in this version; use `haul status`"
-        );
-    }
+    // Plain HTTP only on loopback (this host); anywhere else HTTPS for operators only.
+    let http = match a.http {
+        Some(s) => {
+            let addr = parse_listen(&s, "http")?;
+            let tls = a.http_tls || !addr.ip().is_loopback();
+            let listener = bind(addr, "metrics page (--http)").await?;
+            tracing::info!(
+                "metrics on {}://{}/metrics{}",
+                if tls { "https" } else { "http" },
+                listener.local_addr().context("local address")?,
+                if tls {
+                    " (client certificate of role operator required)"
+                } else {
+                    " (this host only)"
+                }
+            );
+            Some(haul_coordinator::HttpListener { listener, tls })
+        }
+        None => None,
+    };
     let time_zone_name = a.time_zone.unwrap_or_else(|| "UTC".to_string());
     let time_zone = haul_coordinator::time_zone(&time_zone_name)?;
     let tls = load_tls(&certs, Role::Coordinator, "coordinator")?;
@@ -94,6 +109,7 @@ pub async fn coordinator(a: CoordinatorArgs, shutdown: CancellationToken) -> any
             time_zone_name,
         },
         listener,
+        http,
         shutdown,
     )
     .await

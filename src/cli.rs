@@ -118,9 +118,13 @@ pub struct CoordinatorArgs {
     /// Directory with ca.pem and this agent's certificate.
     #[arg(long, value_name = "DIR")]
     pub certs: Option<PathBuf>,
-    /// Reserved for the web dashboard (not served yet).
+    /// Serve Prometheus metrics at /metrics on this address: plain HTTP on a loopback
+    /// address (this host only), anywhere else HTTPS that requires an operator certificate.
     #[arg(long, value_name = "ADDR")]
     pub http: Option<String>,
+    /// Serve --http as HTTPS with operator certificates even on a loopback address.
+    #[arg(long)]
+    pub http_tls: bool,
     /// A chunk lease not renewed within this long goes to another sender, e.g. 60s (the default).
     #[arg(long, value_name = "DURATION")]
     pub lease_timeout: Option<String>,

@@ -69,7 +69,7 @@ pub async fn run(a: CopyArgs, shutdown: CancellationToken) -> anyhow::Result<Exi
         tasks.spawn(async move {
             (
                 "coordinator",
-                haul_coordinator::run(cfg, coordinator_listener, token).await,
+                haul_coordinator::run(cfg, coordinator_listener, None, token).await,
             )
         });
     }

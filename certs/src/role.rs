@@ -130,7 +130,7 @@ impl Identity {
     }
 
     /// Finds the single haul identity among a certificate's URI SANs.
-    pub(crate) fn from_cert_der(der: &[u8]) -> anyhow::Result<Identity> {
+    pub fn from_cert_der(der: &[u8]) -> anyhow::Result<Identity> {
         let (_, cert) = x509_parser::parse_x509_certificate(der)
             .map_err(|e| anyhow!("cannot parse certificate: {e}"))?;
         let san = cert

@@ -167,6 +167,9 @@ pub struct JobRecord {
     /// `haul pause`: the job holds no leases and is handed out to nobody until `haul resume`.
     #[serde(default)]
     pub paused: bool,
+    /// Leases that ran out without a renewal (their holder died or lost its way here).
+    #[serde(default)]
+    pub lease_expiries: u64,
     /// The finalize task is out (with the planner); not handed out twice at once.
     #[serde(default)]
     pub finalize_leased: bool,
@@ -361,6 +364,7 @@ impl Job {
                 snapshot_leased: false,
                 warning: String::new(),
                 paused: false,
+                lease_expiries: 0,
             },
             tables: Vec::new(),
             chunks: Vec::new(),
@@ -490,6 +494,7 @@ impl Job {
                 }
             }
         }
+        self.record.lease_expiries += n as u64;
         n
     }
 

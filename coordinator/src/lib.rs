@@ -5,6 +5,7 @@
 //! Invariant: the coordinator never touches payload bytes and holds no database credentials.
 
 mod cap;
+mod http;
 mod job;
 mod service;
 mod store;
@@ -41,10 +42,17 @@ pub fn time_zone(name: &str) -> anyhow::Result<jiff::tz::TimeZone> {
     })
 }
 
-/// Serve on `listener` until `shutdown` is cancelled.
+/// `--http`: where metrics are served, and whether as HTTPS for operators only (see `http`).
+pub struct HttpListener {
+    pub listener: TcpListener,
+    pub tls: bool,
+}
+
+/// Serve on `listener` (and `http`) until `shutdown` is cancelled.
 pub async fn run(
     config: CoordinatorConfig,
     listener: TcpListener,
+    http: Option<HttpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let store = store::Store::open(&config.state_dir)?;
@@ -64,9 +72,17 @@ pub async fn run(
         let (inner, shutdown) = (inner.clone(), shutdown.clone());
         tokio::spawn(async move { inner.expire_loop(shutdown).await })
     };
+    let web = http.map(|h| {
+        let (inner, shutdown) = (inner.clone(), shutdown.clone());
+        let tls = h.tls.then(|| config.tls.clone());
+        tokio::spawn(async move { http::serve(inner, h.listener, tls, shutdown).await })
+    });
     let served = haul_certs::serve(routes, listener, &config.tls, shutdown.clone()).await;
     shutdown.cancel();
     let _ = expiry.await;
+    if let Some(web) = web {
+        let _ = web.await;
+    }
     inner.store.flush().await?;
     served
 }

@@ -1323,13 +1323,21 @@ impl Coordinator for CoordinatorService {
         haul_certs::require(&req, &[Role::Operator])?;
         let r = req.into_inner();
         let st = self.inner.state.lock().await;
-        let job = &st.jobs[st.operator_job(&r.job_id)?];
+        let index = st.operator_job(&r.job_id)?;
+        Ok(Response::new(st.status_reply(index, r.detail)))
+    }
+}
+
+impl State {
+    /// What `haul status` (and the HTTP side) says of job `index`.
+    fn status_reply(&self, index: usize, detail: bool) -> pb::JobStatusReply {
+        let job = &self.jobs[index];
         let mut reply = status_of(
             job,
-            st.agents.values().any(|a| a.role == Role::Receiver),
-            r.detail,
+            self.agents.values().any(|a| a.role == Role::Receiver),
+            detail,
         );
-        let (cap, text) = st.cap_now(job);
+        let (cap, text) = self.cap_now(job);
         reply.cap_bytes_per_sec = cap;
         reply.cap = text;
         reply.codecs = job.codecs();
@@ -1339,9 +1347,47 @@ impl Coordinator for CoordinatorService {
         } else {
             job.cap.rate(now_ms())
         };
-        Ok(Response::new(reply))
+        reply
+    }
+
+    /// Every job and agent, for `/metrics`.
+    pub(crate) fn metrics_input(
+        &self,
+    ) -> (Vec<crate::http::JobMetrics>, Vec<crate::http::AgentMetrics>) {
+        let jobs = (0..self.jobs.len())
+            .map(|i| {
+                let j = &self.jobs[i];
+                let leased = j
+                    .chunks
+                    .iter()
+                    .filter(|c| matches!(c.state, ChunkState::Leased { .. }))
+                    .count() as u64;
+                crate::http::JobMetrics {
+                    status: self.status_reply(i, false),
+                    leased,
+                    retries: j.chunks.iter().map(|c| c.attempts as u64).sum(),
+                    lease_expiries: j.record.lease_expiries,
+                }
+            })
+            .collect();
+        let now = now_ms();
+        let mut agents: Vec<crate::http::AgentMetrics> = self
+            .agents
+            .iter()
+            .map(|(id, a)| crate::http::AgentMetrics {
+                id: id.clone(),
+                role: a.role.as_str(),
+                up: a.last_seen_ms + AGENT_UP_MS >= now,
+                last_seen_secs: now.saturating_sub(a.last_seen_ms) as f64 / 1000.0,
+            })
+            .collect();
+        agents.sort_by(|a, b| a.id.cmp(&b.id));
+        (jobs, agents)
     }
 }
+
+/// An agent heard from within this long is up.
+const AGENT_UP_MS: u64 = 30_000;
 
 fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply {
     let rec = &job.record;

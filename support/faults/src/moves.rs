@@ -79,6 +79,8 @@ pub struct Setup {
     pub codec: Option<&'static str>,
     /// More flags for the receiver.
     pub receiver_args: Vec<&'static str>,
+    /// More flags for the coordinator (owned: an address picked at run time, say).
+    pub coordinator_args: Vec<String>,
     /// `haul start --connections` (default: haul's choice).
     pub connections: Option<&'static str>,
     /// With `link_to_receiver`: a cap per TCP connection through that link (0 = none), set
@@ -180,6 +182,7 @@ impl Move {
         if let Some(t) = setup.lease_timeout {
             cargs.extend(["--lease-timeout", t]);
         }
+        cargs.extend(setup.coordinator_args.iter().map(String::as_str));
         let coordinator = Agent::spawn_with_env(&bin, dir.path(), "coordinator", &cargs, &env)?;
         let mut rargs = vec![
             "--coordinator",
