@@ -183,6 +183,23 @@ fn metrics_over_https_need_an_operator_certificate() -> anyhow::Result<()> {
     let (_, code, body) = as_role("sender");
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("role operator"), "{body}");
+    // The dashboard and its data, on the same port, under the same rule.
+    for path in ["/", "/api/status"] {
+        let url = format!("https://{http}{path}");
+        let args = [
+            "--cacert".to_string(),
+            ca.clone(),
+            "--cert".into(),
+            format!("{certs}/sender.pem"),
+            "--key".into(),
+            format!("{certs}/sender.key"),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (_, code, _) = curl(&url, &args);
+        assert_eq!(code, 403, "{path} for a sender");
+        let (ok, code, _) = curl(&url, &["--cacert", &ca]);
+        assert!(!ok && code == 0, "{path} without a certificate: {code}");
+    }
     // Plain HTTP on the TLS port gets nothing either.
     let (_, code, _) = curl(&format!("http://{http}/metrics"), &[]);
     assert_ne!(code, 200);

@@ -1,5 +1,6 @@
-//! The coordinator's HTTP side (`haul coordinator --http ADDR`): Prometheus metrics at
-//! `/metrics`, from the same state `haul status` reads.
+//! The coordinator's HTTP side (`haul coordinator --http ADDR`): the dashboard at `/` (one
+//! page served from the binary, no CDN, refreshing itself from `/api/status` every 2 s) and
+//! Prometheus metrics at `/metrics`, from the same state `haul status` reads.
 //!
 //! Who may look: on a loopback address the page is plain HTTP and only this host can reach
 //! it. On any other address (or with `--http-tls`) it is HTTPS with the job's CA, and the
@@ -131,19 +132,29 @@ async fn respond<B>(inner: &Inner, req: &Request<B>, allowed: bool) -> Response<
     match req.uri().path() {
         "/metrics" => {
             let (jobs, agents) = inner.state.lock().await.metrics_input();
-            let mut r = text(StatusCode::OK, &metrics_text(&jobs, &agents));
-            r.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
+            typed(
+                text(StatusCode::OK, &metrics_text(&jobs, &agents)),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
         }
-        "/" => text(
-            StatusCode::OK,
-            "haul coordinator\n/metrics: Prometheus metrics of every job and agent\n",
-        ),
-        _ => text(StatusCode::NOT_FOUND, "not found; try /metrics\n"),
+        "/" => typed(text(StatusCode::OK, DASHBOARD), "text/html; charset=utf-8"),
+        "/api/status" => {
+            let body = inner.state.lock().await.dashboard().to_string();
+            typed(text(StatusCode::OK, &body), "application/json")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found; try / or /metrics\n"),
     }
+}
+
+/// The dashboard page: HTML, CSS and script in one file, built into the binary.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+fn typed(mut r: Response<Full<Bytes>>, content_type: &'static str) -> Response<Full<Bytes>> {
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    r
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

@@ -333,6 +333,39 @@ pub struct Job {
     pub expiry_checked_ms: u64,
     /// The cap's shares and the achieved rate (memory only).
     pub cap: crate::cap::CapState,
+    /// Bytes done over time, for the dashboard's chart (memory only).
+    pub history: History,
+}
+
+/// The most samples a job's history keeps.
+const HISTORY_SAMPLES: usize = 600;
+
+/// Raw and wire bytes done over time: a sample every 2 s at first. When full, every other
+/// sample is dropped and the interval doubles, so a move of days keeps its whole shape at a
+/// coarser grain in bounded memory.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// (unix ms, raw bytes done, wire bytes done)
+    pub samples: Vec<(u64, u64, u64)>,
+    every_ms: u64,
+}
+
+impl History {
+    pub fn record(&mut self, now_ms: u64, raw: u64, wire: u64) {
+        let every = self.every_ms.max(2000);
+        if self.samples.last().is_some_and(|s| now_ms < s.0 + every) {
+            return;
+        }
+        self.samples.push((now_ms, raw, wire));
+        if self.samples.len() > HISTORY_SAMPLES {
+            let mut i = 0;
+            self.samples.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            self.every_ms = every * 2;
+        }
+    }
 }
 
 impl Job {
@@ -371,6 +404,7 @@ impl Job {
             done: 0,
             expiry_checked_ms: 0,
             cap: Default::default(),
+            history: History::default(),
         }
     }
 
@@ -496,6 +530,18 @@ impl Job {
         }
         self.record.lease_expiries += n as u64;
         n
+    }
+
+    /// Raw and wire bytes of the chunks done.
+    pub fn bytes_done(&self) -> (u64, u64) {
+        self.chunks.iter().fold((0, 0), |(r, w), c| match c.state {
+            ChunkState::Done {
+                raw_bytes,
+                wire_bytes,
+                ..
+            } => (r + raw_bytes, w + wire_bytes),
+            _ => (r, w),
+        })
     }
 
     pub fn all_done(&self) -> bool {
@@ -669,6 +715,21 @@ mod tests {
             ));
         }
         j
+    }
+
+    #[test]
+    fn history_stays_bounded_and_keeps_its_start() {
+        let mut h = History::default();
+        h.record(0, 0, 0);
+        h.record(1000, 5, 5);
+        assert_eq!(h.samples.len(), 1, "a sample every 2 s at first");
+        for i in 1..5000u64 {
+            h.record(i * 2000, i, i);
+        }
+        assert!(h.samples.len() <= HISTORY_SAMPLES);
+        assert_eq!(h.samples[0], (0, 0, 0));
+        assert!(h.samples.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(h.samples.last().is_some_and(|s| s.1 > 4000));
     }
 
     #[test]

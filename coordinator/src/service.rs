@@ -79,12 +79,13 @@ impl Inner {
             let mut expired = 0;
             {
                 let mut st = self.state.lock().await;
-                for j in st
-                    .jobs
-                    .iter_mut()
-                    .filter(|j| j.record.phase == Phase::Copying)
-                {
-                    expired += j.expire_leases(self.lease_timeout);
+                let now = now_ms();
+                for j in st.jobs.iter_mut().filter(|j| !j.record.phase.is_over()) {
+                    if j.record.phase == Phase::Copying {
+                        expired += j.expire_leases(self.lease_timeout);
+                    }
+                    let (raw, wire) = j.bytes_done();
+                    j.history.record(now, raw, wire);
                 }
             }
             if expired > 0 {
@@ -1385,6 +1386,143 @@ impl State {
         (jobs, agents)
     }
 }
+
+impl State {
+    /// Everything the dashboard shows, newest job first: each job's status, its tables
+    /// (unfinished ones first, at most `DASHBOARD_TABLES`), errors and retries, and its
+    /// history; and every agent.
+    pub(crate) fn dashboard(&self) -> serde_json::Value {
+        let now = now_ms();
+        let jobs: Vec<serde_json::Value> = (0..self.jobs.len())
+            .rev()
+            .map(|i| {
+                let j = &self.jobs[i];
+                let s = self.status_reply(i, false);
+                #[derive(Default)]
+                struct T {
+                    chunks: u64,
+                    done: u64,
+                    leased: u64,
+                    rows: u64,
+                    raw: u64,
+                    wire: u64,
+                    est: u64,
+                    retries: u64,
+                    error: String,
+                }
+                let mut tables: Vec<T> = j.tables.iter().map(|_| T::default()).collect();
+                let mut errors = Vec::new();
+                for c in &j.chunks {
+                    let Some(t) = tables.get_mut(c.table) else {
+                        continue;
+                    };
+                    t.chunks += 1;
+                    t.est += c.est_bytes;
+                    t.retries += c.attempts as u64;
+                    if !c.last_error.is_empty() {
+                        t.error = c.last_error.clone();
+                        if errors.len() < 20 {
+                            errors.push(serde_json::json!({
+                                "chunk": c.id,
+                                "table": j.tables[c.table].table.to_string(),
+                                "attempts": c.attempts,
+                                "error": c.last_error,
+                            }));
+                        }
+                    }
+                    match &c.state {
+                        ChunkState::Leased { .. } => t.leased += 1,
+                        ChunkState::Done {
+                            rows,
+                            raw_bytes,
+                            wire_bytes,
+                            ..
+                        } => {
+                            t.done += 1;
+                            t.rows += rows;
+                            t.raw += raw_bytes;
+                            t.wire += wire_bytes;
+                        }
+                        ChunkState::Pending => {}
+                    }
+                }
+                let mut order: Vec<usize> = (0..tables.len()).collect();
+                // In flight first, then not started, then done; larger first within each.
+                order.sort_by_key(|&k| {
+                    let t = &tables[k];
+                    let rank = if t.leased > 0 {
+                        0
+                    } else if t.done < t.chunks {
+                        1
+                    } else {
+                        2
+                    };
+                    (rank, std::cmp::Reverse(t.est))
+                });
+                let shown: Vec<serde_json::Value> = order
+                    .iter()
+                    .take(DASHBOARD_TABLES)
+                    .map(|&k| {
+                        let t = &tables[k];
+                        serde_json::json!({
+                            "table": j.tables[k].table.to_string(),
+                            "chunks": t.chunks, "done": t.done, "leased": t.leased,
+                            "rows": t.rows, "raw": t.raw, "wire": t.wire, "est": t.est,
+                            "retries": t.retries, "error": t.error,
+                        })
+                    })
+                    .collect();
+                let mismatches: Vec<String> = s
+                    .mismatches
+                    .iter()
+                    .map(|m| {
+                        let t = m.table.as_ref().map(|t| format!("{}.{}", t.schema, t.name));
+                        format!(
+                            "{}: source {} rows, target {} rows",
+                            t.unwrap_or_default(),
+                            m.source_rows,
+                            m.target_rows
+                        )
+                    })
+                    .chain(s.chunk_mismatches.iter().cloned())
+                    .collect();
+                serde_json::json!({
+                    "job": s.job_id, "phase": s.phase, "step": s.step, "paused": s.paused,
+                    "error": s.error, "elapsed_secs": s.elapsed_secs,
+                    "tables": s.tables, "chunks": s.chunks, "chunks_done": s.chunks_done,
+                    "rows_done": s.rows_done, "raw_bytes_done": s.raw_bytes_done,
+                    "wire_bytes_done": s.wire_bytes_done, "est_bytes_total": s.est_bytes_total,
+                    "est_bytes_done": s.est_bytes_done, "cap": s.cap,
+                    "cap_bytes_per_sec": s.cap_bytes_per_sec, "wire_rate": s.wire_rate,
+                    "codecs": s.codecs, "verified": s.verified,
+                    "verify": j.record.options.verify,
+                    "tables_checked": s.tables_checked, "chunks_checked": s.chunks_checked,
+                    "mismatches": mismatches,
+                    "resumed_bytes": s.resumed_bytes_done, "resent_bytes": s.resent_bytes_done,
+                    "retries": j.chunks.iter().map(|c| c.attempts as u64).sum::<u64>(),
+                    "lease_expiries": j.record.lease_expiries,
+                    "errors": errors,
+                    "table_rows": shown,
+                    "tables_hidden": tables.len().saturating_sub(DASHBOARD_TABLES),
+                    "history": j.history.samples,
+                })
+            })
+            .collect();
+        let (_, agents) = self.metrics_input();
+        let agents: Vec<serde_json::Value> = agents
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "agent": a.id, "role": a.role, "up": a.up, "last_seen_secs": a.last_seen_secs,
+                })
+            })
+            .collect();
+        serde_json::json!({ "now_ms": now, "jobs": jobs, "agents": agents })
+    }
+}
+
+/// The most tables of one job the dashboard lists (the rest are counted).
+const DASHBOARD_TABLES: usize = 200;
 
 /// An agent heard from within this long is up.
 const AGENT_UP_MS: u64 = 30_000;

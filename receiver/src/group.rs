@@ -106,7 +106,7 @@ impl ReceiverService {
             self.inner.spool.remove(&path).await;
             partials.forget(job_id, group_id);
         };
-        let (raw_bytes, digest, _, extents) = match received {
+        let (raw_bytes, digest, _, extents, held) = match received {
             Ok(v) => v,
             Err(e) => {
                 drop_spool().await;
@@ -234,6 +234,7 @@ impl ReceiverService {
             snapshot_id: header.snapshot_id.clone(),
             resent_bytes: record.resent,
             apply_ms: applying.elapsed().as_millis() as u64,
+            held_ms: held.as_millis() as u64,
             members: receipts,
             ..Default::default()
         })

@@ -454,7 +454,7 @@ impl ReceiverService {
                 &mut live,
             )
             .await;
-        let (raw_bytes, digest, source_rows, _) = match received {
+        let (raw_bytes, digest, source_rows, _, held) = match received {
             Ok(v) => v,
             Err(e) => {
                 if let Some(l) = live.take() {
@@ -582,6 +582,7 @@ impl ReceiverService {
             });
         }
         receipt.apply_ms = applying.elapsed().as_millis() as u64;
+        receipt.held_ms = held.as_millis() as u64;
         Ok(receipt)
     }
 
@@ -671,6 +672,8 @@ impl ReceiverService {
         live: &mut Option<restore::Live>,
     ) -> anyhow::Result<Received> {
         let (mut raw_bytes, mut blocks) = (offset, 0u64);
+        // Time this side held the stream back (spool room, the live load), not the link.
+        let mut held = std::time::Duration::ZERO;
         loop {
             let frame = tokio::select! {
                 _ = stop.cancelled() => {
@@ -710,13 +713,15 @@ impl ReceiverService {
                     hasher.update(&raw);
                     let partials = &self.inner.partials;
                     let frame = (block_codec, raw_len as u32, payload.as_slice());
+                    let holding = std::time::Instant::now();
                     self.inner
                         .spool
                         .write_frame_in_room(&mut file, path, frame, partials)
                         .await?;
                     let end = raw_bytes + raw.len() as u64;
                     if let Some(l) = live.as_mut() {
-                        if let Err(e) = l.send(bytes::Bytes::from(raw)).await {
+                        let sent = l.send(bytes::Bytes::from(raw)).await;
+                        if let Err(e) = sent {
                             tracing::warn!(
                                 chunk = chunk_id,
                                 "loading the chunk while it arrives failed; it is restored from the spool once complete: {e:#}"
@@ -729,6 +734,7 @@ impl ReceiverService {
                     // Bytes below the high-water mark arrived once before.
                     record.resent += end.min(record.high_water).saturating_sub(raw_bytes);
                     record.high_water = record.high_water.max(end);
+                    held += holding.elapsed();
                     self.inner.partials.put(job_id, chunk_id, record)?;
                     raw_bytes = end;
                     blocks += 1;
@@ -750,7 +756,7 @@ impl ReceiverService {
                     let rows = (t.row_digest.len() == haul_core::row_digest::DIGEST_BYTES)
                         .then(|| RowDigest::from_bytes(t.rows, &t.row_digest).ok())
                         .flatten();
-                    return Ok((raw_bytes, t.digest, rows, t.members));
+                    return Ok((raw_bytes, t.digest, rows, t.members, held));
                 }
                 _ => anyhow::bail!("unexpected frame in chunk stream"),
             }
@@ -1005,7 +1011,13 @@ impl ReceiverService {
 
 /// What a chunk stream delivered: raw bytes, their digest, the rows' digest if sent, and a
 /// group's member extents.
-pub(crate) type Received = (u64, Vec<u8>, Option<RowDigest>, Vec<pb::MemberExtent>);
+pub(crate) type Received = (
+    u64,
+    Vec<u8>,
+    Option<RowDigest>,
+    Vec<pb::MemberExtent>,
+    std::time::Duration,
+);
 
 /// The chunk's bytes do not hash to what the sender says it sent: they are discarded.
 #[derive(Debug)]

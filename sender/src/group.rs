@@ -108,8 +108,9 @@ pub async fn run(
         .batch_execute("SAVEPOINT haul_chunk")
         .await
         .context("savepoint on source")?;
+    let sent = crate::transfer::Sent::default();
     let streamed = stream(
-        shared, job_id, limiter, &options, client, &members, &shapes, &tx,
+        shared, job_id, limiter, &options, client, &members, &shapes, &tx, &sent,
     )
     .await;
     // Releases the members' table locks (taken by their COPYs) and clears any error.
@@ -132,7 +133,7 @@ pub async fn run(
         members: extents.clone(),
         ..Default::default()
     };
-    let receipt = finish(shared, job_id, tx, call, trailer, &what).await?;
+    let receipt = finish(shared, job_id, tx, call, trailer, &what, sent.get()).await?;
 
     let mut reports = Vec::with_capacity(extents.len());
     for e in &extents {
@@ -218,6 +219,7 @@ async fn stream(
     members: &[Member],
     shapes: &[Option<Vec<haul_core::row_digest::Shape>>],
     tx: &tokio::sync::mpsc::Sender<pb::ChunkFrame>,
+    sent: &crate::transfer::Sent,
 ) -> anyhow::Result<Streamed> {
     let mut hasher = blake3::Hasher::new();
     let mut block = BytesMut::with_capacity(haul_core::BLOCK_BYTES);
@@ -270,7 +272,7 @@ async fn stream(
                 wire_bytes += payload.len() as u64;
                 blocks += 1;
                 mix.add(codec, raw_len as u64);
-                send_block(shared, job_id, limiter, tx, (codec, raw_len, payload)).await?;
+                send_block(shared, job_id, limiter, tx, (codec, raw_len, payload), sent).await?;
             }
             if done {
                 break;

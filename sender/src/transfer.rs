@@ -216,6 +216,7 @@ pub async fn run(
             privileges: !lease.options.as_ref().is_some_and(|o| o.no_privileges),
         },
         shapes: shapes.as_deref(),
+        sent: Default::default(),
     };
     let mut resumed_bytes = resume.as_ref().map_or(0, |p| p.bytes);
     let streamed = async {
@@ -302,7 +303,8 @@ pub async fn run(
         members: Vec::new(),
     };
     let what = format!("chunk {chunk_id} ({table})");
-    let receipt = finish(shared, job_id, tx, call, trailer, &what).await?;
+    let sent = read.sent.get();
+    let receipt = finish(shared, job_id, tx, call, trailer, &what, sent).await?;
     shared.staging.remove(job_id, chunk_id).await;
     tracing::debug!(
         chunk = chunk_id, %table, rows = receipt.rows, raw_bytes, wire_bytes,
@@ -379,6 +381,29 @@ struct Read<'a> {
     large_object_meta: haul_core::large_object::Metadata,
     /// The columns' shapes when the job verifies: the rows are digested as they are read.
     shapes: Option<&'a [Shape]>,
+    /// Raw bytes this stream sent, and how long its blocks waited for the wire.
+    sent: Sent,
+}
+
+/// Raw bytes a stream sent and the time its blocks waited for the wire (the cap, the HTTP/2
+/// window), told to the codec tuner with the receipt, less what the receiver held it back.
+#[derive(Default)]
+pub(crate) struct Sent {
+    raw: std::sync::atomic::AtomicU64,
+    waited_ns: std::sync::atomic::AtomicU64,
+}
+
+impl Sent {
+    pub(crate) fn add(&self, raw: u64, waited_ns: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.raw.fetch_add(raw, Relaxed);
+        self.waited_ns.fetch_add(waited_ns, Relaxed);
+    }
+
+    pub(crate) fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.raw.load(Relaxed), self.waited_ns.load(Relaxed))
+    }
 }
 
 /// What one read of a chunk produced: raw bytes (the whole chunk), wire bytes and blocks (this
@@ -693,6 +718,7 @@ impl Read<'_> {
             self.limiter,
             self.tx,
             (codec, raw_len, payload),
+            &self.sent,
         )
         .await
     }
@@ -721,6 +747,7 @@ pub(crate) async fn finish(
     call: Upload,
     trailer: pb::ChunkTrailer,
     what: &str,
+    (raw, waited): (u64, u64),
 ) -> anyhow::Result<pb::ChunkReceipt> {
     tx.send(frame(pb::chunk_frame::Frame::Trailer(trailer)))
         .await
@@ -736,6 +763,11 @@ pub(crate) async fn finish(
         .elapsed()
         .saturating_sub(std::time::Duration::from_millis(receipt.apply_ms));
     shared.tune_send(job_id, 0, transit.as_nanos() as u64);
+    // The blocks' wait, less what the receiver held the stream back (loading it into the
+    // target as it arrived, spool room): that part was not the link's, and a better ratio
+    // would not have shortened it.
+    let held = std::time::Duration::from_millis(receipt.held_ms).as_nanos() as u64;
+    shared.tune_send(job_id, raw, waited.saturating_sub(held));
     Ok(receipt)
 }
 
@@ -782,6 +814,7 @@ pub(crate) async fn send_block(
     limiter: &Limiter,
     tx: &tokio::sync::mpsc::Sender<pb::ChunkFrame>,
     (codec, raw_len, payload): (Codec, u32, Vec<u8>),
+    sent: &Sent,
 ) -> anyhow::Result<()> {
     let waited = Instant::now();
     limiter.consume(payload.len()).await;
@@ -800,8 +833,8 @@ pub(crate) async fn send_block(
         anyhow::bail!("receiver closed the chunk stream early");
     }
     // Time spent on the cap and the HTTP/2 window: what `--codec auto` weighs compression
-    // against.
-    shared.tune_send(job_id, raw_len as u64, waited.elapsed().as_nanos() as u64);
+    // against, told with the receipt (`finish`).
+    sent.add(raw_len as u64, waited.elapsed().as_nanos() as u64);
     Ok(())
 }
 
