@@ -205,8 +205,8 @@ pub struct JobArgs {
     /// Chunks in flight per sender.
     #[arg(long)]
     pub jobs: Option<u32>,
-    /// auto (each sender picks per block, from its CPU and the link), zstd, zstd:LEVEL, lz4 or
-    /// none.
+    /// auto (zstd:3), adaptive (experimental: each sender picks per block), zstd, zstd:LEVEL,
+    /// lz4 or none.
     #[arg(long)]
     pub codec: Option<String>,
     /// TCP connections from each sender to each receiver, chunk streams spread over them

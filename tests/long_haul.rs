@@ -50,10 +50,10 @@ fn several_connections_fill_a_path_one_flow_cannot() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--codec auto` (the default) on a slow link: the streams wait on the wire far longer than they compress,
+/// `--codec adaptive` on a slow link: the streams wait on the wire far longer than they compress,
 /// so the sender climbs to a better ratio, and status says which codecs the chunks took.
 #[test]
-fn codec_auto_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()> {
+fn codec_adaptive_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()> {
     let m = Move::new(Setup {
         bin: common::procs::HAUL.into(),
         link_to_receiver: true,
@@ -61,7 +61,7 @@ fn codec_auto_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()> {
         chunk_size: Some("1MB"),
         jobs: Some("2"),
         bwlimit: Some("0"),
-        codec: Some("auto"),
+        codec: Some("adaptive"),
         drop_ledger: true,
         ..Default::default()
     })?;

@@ -739,7 +739,7 @@ pub(crate) async fn abandon(call: Upload, e: anyhow::Error, what: &str) -> anyho
 
 /// End a stream with its trailer and wait for the receiver's receipt (given after the target
 /// committed). The wait after the last block, less the receiver's restore, is the link's time
-/// (the window's worth still crossing, and the round trip): what `--codec auto` weighs.
+/// (the window's worth still crossing, and the round trip): what `--codec adaptive` weighs.
 pub(crate) async fn finish(
     shared: &Shared,
     job_id: &str,
@@ -832,7 +832,7 @@ pub(crate) async fn send_block(
     {
         anyhow::bail!("receiver closed the chunk stream early");
     }
-    // Time spent on the cap and the HTTP/2 window: what `--codec auto` weighs compression
+    // Time spent on the cap and the HTTP/2 window: what `--codec adaptive` weighs compression
     // against, told with the receipt (`finish`).
     sent.add(raw_len as u64, waited.elapsed().as_nanos() as u64);
     Ok(())

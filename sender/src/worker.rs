@@ -42,7 +42,7 @@ pub struct Shared {
     limiters: std::sync::Mutex<HashMap<String, Arc<Limiter>>>,
     /// Wire bytes sent for each job since the last renewal, which reports them.
     sent: std::sync::Mutex<HashMap<String, u64>>,
-    /// `--codec auto`: the codec choice for each job's next block here (`core::codec::Tuner`).
+    /// `--codec adaptive`: the codec choice for each job's next block here (`core::codec::Tuner`).
     pub tuners: std::sync::Mutex<HashMap<String, haul_core::codec::Tuner>>,
     /// Snapshots this sender exported, by job. Held until the job is finalized.
     snapshots: Mutex<HashMap<String, Arc<SnapshotHolder>>>,
@@ -115,7 +115,7 @@ impl Shared {
         l
     }
 
-    /// The codec for a job's next block: the job's own, or with `--codec auto` this sender's
+    /// The codec for a job's next block: the job's own, or with `--codec adaptive` this sender's
     /// current choice.
     pub fn codec_for(&self, job_id: &str, options: &pb::JobOptions) -> anyhow::Result<Codec> {
         if !options.codec_auto {
@@ -130,7 +130,7 @@ impl Shared {
             }))
     }
 
-    /// Tell the job's tuner (`--codec auto`) that `raw` bytes took `ns` to compress.
+    /// Tell the job's tuner (`--codec adaptive`) that `raw` bytes took `ns` to compress.
     pub fn tune_compress(&self, job_id: &str, raw: u64, ns: u64) {
         if let Ok(mut t) = self.tuners.lock() {
             if let Some(t) = t.get_mut(job_id) {
