@@ -56,6 +56,9 @@ pub enum Command {
     Pause(SteerArgs),
     /// Resume a paused job: chunks continue at the byte offsets the receivers hold.
     Resume(SteerArgs),
+    /// A dry run: what a move with these flags would do (tables, chunks in order, what the
+    /// preflight would refuse, an estimate), writing nothing anywhere.
+    Plan(PlanArgs),
     /// Move a database on one host: all three roles in this process, still over mTLS on loopback.
     Copy(CopyArgs),
     /// Compare two databases chunk by chunk (row digests), and their large objects and
@@ -316,6 +319,23 @@ pub struct SteerArgs {
     /// Job id; default the latest.
     #[arg(long)]
     pub job: Option<String>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct PlanArgs {
+    #[arg(long, value_name = "URL", env = "HAUL_SOURCE")]
+    pub source: Option<String>,
+    /// Check this target as a receiver's preflight would (read only).
+    #[arg(long, value_name = "URL", env = "HAUL_TARGET")]
+    pub target: Option<String>,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// The link's rate, for an estimate at it (e.g. 100Mbit, 25MB).
+    #[arg(long, value_name = "RATE")]
+    pub link_rate: Option<String>,
+    /// Print the plan as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug, Default)]

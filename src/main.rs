@@ -8,6 +8,7 @@ mod config;
 mod copy;
 mod demo;
 mod operator;
+mod plan;
 mod verify;
 
 use std::process::ExitCode;
@@ -33,6 +34,7 @@ fn main() -> ExitCode {
         | Command::Start(_)
         | Command::Status(_)
         | Command::Bwlimit(_)
+        | Command::Plan(_)
         | Command::Pause(_)
         | Command::Resume(_)
         | Command::Certs(_) => "warn",
@@ -144,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(a) => operator::steer(a, haul_proto::Steer::Pause).await,
         Command::Resume(a) => operator::steer(a, haul_proto::Steer::Resume).await,
         Command::Copy(a) => copy::run(a, shutdown).await,
+        Command::Plan(a) => plan::run(a).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Demo(a) => demo::run(a, shutdown).await,
     }

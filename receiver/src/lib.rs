@@ -145,3 +145,47 @@ async fn register_loop(config: ReceiverConfig, shutdown: CancellationToken) {
         }
     }
 }
+
+/// `haul plan`: every check the receiver makes of its target before it writes anything, each
+/// refusal as one line (empty: the target would be accepted). Reads only.
+pub async fn dry_preflight(
+    client: &tokio_postgres::Client,
+    tables: &[haul_core::ident::TableName],
+    create_schema: bool,
+    large_objects: bool,
+    extensions: &[String],
+    roles: &[haul_proto::RoleDef],
+    create_roles: bool,
+) -> anyhow::Result<Vec<String>> {
+    let mut refused = Vec::new();
+    let mut note = |r: anyhow::Result<()>| -> anyhow::Result<()> {
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) => match haul_core::status::fatal_message(&e) {
+                Some(line) => {
+                    refused.push(line.to_string());
+                    Ok(())
+                }
+                None => Err(e),
+            },
+        }
+    };
+    if ledger::exists(client).await? {
+        note(Err(haul_core::status::fatal(
+            "target already holds a haul ledger (schema haul): another job moved into it; empty the target or continue that job",
+        )))?;
+    }
+    note(schema::preflight(client, tables, create_schema).await)?;
+    if large_objects {
+        note(schema::preflight_large_objects(client).await)?;
+    }
+    if create_schema {
+        note(schema::preflight_extensions(client, extensions).await)?;
+        note(
+            schema::preflight_roles(client, roles, create_roles)
+                .await
+                .map(|_| ()),
+        )?;
+    }
+    Ok(refused)
+}
