@@ -150,11 +150,14 @@ fn a_killed_sender_continues_its_staged_chunks() -> anyhow::Result<()> {
 
 #[test]
 fn a_full_spool_holds_streams_back() -> anyhow::Result<()> {
-    // Room for one 16 MB chunk and a bit: the second stream must wait for the first to be
-    // restored, and the spool never holds more than its size.
+    // Room for one 16 MB chunk and a bit: of three streams at once, some must wait for others
+    // to be restored, and the spool never holds more than its size. Three, not two: a chunk
+    // loads into the target while it arrives and leaves the spool at its commit, so two
+    // streams only just reach the bound.
     let quota = 20_000_000u64;
     let m = moves::start(Setup {
         receiver_args: vec!["--spool-size", "20MB"],
+        jobs: Some("3"),
         ..setup()
     })?;
     let spool = m.path("spool");
