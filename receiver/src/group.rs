@@ -12,7 +12,6 @@ use haul_core::chunk_rows as readback;
 use haul_core::codec::Codec;
 use haul_core::ident::{quote_ident, quote_literal, TableName};
 use haul_core::row_digest::RowDigest;
-use haul_core::status::fatal;
 use haul_proto as pb;
 use tokio_postgres::SimpleQueryMessage;
 use tonic::Streaming;
@@ -369,17 +368,7 @@ async fn apply_in_tx(client: &Pooled, r: &GroupRestore<'_>) -> anyhow::Result<Ve
         hasher: blake3::Hasher::new(),
         taken: 0,
     };
-    let refused = |what: &str, e: &tokio_postgres::Error| {
-        let line = format!("{what} on target: {}", haul_core::pg::db_error_line(e));
-        match e.code().map(|c| c.code()) {
-            Some(code)
-                if code.starts_with("22") || code.starts_with("23") || code.starts_with("42") =>
-            {
-                fatal(line)
-            }
-            _ => anyhow::anyhow!(line),
-        }
-    };
+    let refused = crate::restore::refused;
     let mut rows = vec![None; r.members.len()];
     for (i, m) in r.members.iter().enumerate() {
         let mut left = m.raw_bytes;

@@ -96,16 +96,18 @@ impl Live {
             copy_in(&client, r).await.map(Some)
         }
         .await;
-        match end_transaction_on_error(client, opened).await? {
-            (client, Some(sink)) => Ok(Some(Live {
+        match opened {
+            Ok(Some(sink)) => Ok(Some(Live {
                 client,
                 sink: Box::pin(sink),
                 table: r.table.to_string(),
             })),
-            (client, None) => {
-                drop(client);
+            // Not claimed: `claim` rolled back already.
+            Ok(None) => {
+                client.set_in_transaction(false);
                 Ok(None)
             }
+            Err(e) => end_transaction(client, Err(e)).await,
         }
     }
 
@@ -139,26 +141,6 @@ impl Live {
         let Live { client, sink, .. } = self;
         drop(sink);
         let _ = end_transaction::<()>(client, Err(anyhow::anyhow!("abandoned"))).await;
-    }
-}
-
-/// Like [`end_transaction`] for a body that leaves the transaction open when it succeeds: the
-/// connection comes back with the value.
-async fn end_transaction_on_error<T>(
-    client: Pooled,
-    result: anyhow::Result<Option<T>>,
-) -> anyhow::Result<(Pooled, Option<T>)> {
-    match result {
-        Ok(Some(v)) => Ok((client, Some(v))),
-        // Not claimed: `claim` rolled back already.
-        Ok(None) => {
-            client.set_in_transaction(false);
-            Ok((client, None))
-        }
-        Err(e) => Err(end_transaction::<()>(client, Err(e))
-            .await
-            .err()
-            .unwrap_or_else(|| anyhow::anyhow!("restore failed"))),
     }
 }
 
@@ -283,7 +265,7 @@ async fn apply_in_tx(client: &Pooled, r: &Restore<'_>) -> anyhow::Result<Applied
 }
 
 /// Rows the target refuses (constraint, type) are bad input, not a transient fault.
-fn refused(what: &str, e: &tokio_postgres::Error) -> anyhow::Error {
+pub(crate) fn refused(what: &str, e: &tokio_postgres::Error) -> anyhow::Error {
     let line = format!("{what} on target: {}", haul_core::pg::db_error_line(e));
     match e.code().map(|c| c.code()) {
         Some(code)
