@@ -56,6 +56,9 @@ pub enum Command {
     Pause(SteerArgs),
     /// Resume a paused job: chunks continue at the byte offsets the receivers hold.
     Resume(SteerArgs),
+    /// Cancel a job for good: its leases are revoked and what it wrote to the target is undone,
+    /// so the target is as the preflight found it; prints what was undone and anything left.
+    Cancel(CancelArgs),
     /// A dry run: what a move with these flags would do (tables, chunks in order, what the
     /// preflight would refuse, an estimate), writing nothing anywhere.
     Plan(PlanArgs),
@@ -319,6 +322,18 @@ pub struct SteerArgs {
     /// Job id; default the latest.
     #[arg(long)]
     pub job: Option<String>,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub steer: SteerArgs,
+    /// Undo nothing: leave the target as the job left it, and say what is there.
+    #[arg(long)]
+    pub keep_target: bool,
+    /// Return once the coordinator has the cancel, without waiting for the undo.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Args, Debug, Default)]

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         | Command::Plan(_)
         | Command::Pause(_)
         | Command::Resume(_)
+        | Command::Cancel(_)
         | Command::Certs(_) => "warn",
         _ => "info",
     };
@@ -145,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bwlimit(a) => operator::bwlimit(a).await,
         Command::Pause(a) => operator::steer(a, haul_proto::Steer::Pause).await,
         Command::Resume(a) => operator::steer(a, haul_proto::Steer::Resume).await,
+        Command::Cancel(a) => operator::cancel(a).await,
         Command::Copy(a) => copy::run(a, shutdown).await,
         Command::Plan(a) => plan::run(a).await,
         Command::Verify(a) => verify::run(a).await,

@@ -15,7 +15,7 @@ use haul_proto::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use crate::agents::{load_tls, parse_dial, required};
-use crate::cli::{BwlimitArgs, JobArgs, StartArgs, StatusArgs, SteerArgs};
+use crate::cli::{BwlimitArgs, CancelArgs, JobArgs, StartArgs, StatusArgs, SteerArgs};
 
 pub const DEFAULT_CHUNK: &str = "256MB";
 
@@ -143,6 +143,7 @@ pub async fn steer(a: SteerArgs, steer: pb::Steer) -> anyhow::Result<ExitCode> {
         .steer_job(pb::SteerJobRequest {
             job_id: a.job.unwrap_or_default(),
             steer: steer as i32,
+            keep_target: false,
         })
         .await
         .map_err(|s| fatal(s.message().to_string()))?
@@ -156,6 +157,45 @@ pub async fn steer(a: SteerArgs, steer: pb::Steer) -> anyhow::Result<ExitCode> {
         println!("job {}: resumed ({})", r.job_id, r.phase);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `haul cancel`: the coordinator revokes the job's leases and has a sender carry its undo to
+/// the receiver; this follows it to the end and prints what was undone and what was left.
+pub async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
+    let coordinator = parse_dial(
+        &required(a.steer.coordinator, "coordinator")?,
+        "coordinator",
+    )?;
+    let certs = required(a.steer.certs, "certs")?;
+    let mut c = client(&coordinator, &certs).await?;
+    let r = c
+        .steer_job(pb::SteerJobRequest {
+            job_id: a.steer.job.unwrap_or_default(),
+            steer: pb::Steer::Cancel as i32,
+            keep_target: a.keep_target,
+        })
+        .await
+        .map_err(|s| fatal(s.message().to_string()))?
+        .into_inner();
+    println!(
+        "job {}: cancelling; {} lease(s) revoked",
+        r.job_id, r.leases_revoked
+    );
+    if a.no_wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let s = follow(&mut c, &r.job_id).await?;
+    print_summary(&s);
+    if s.phase == "cancelled" {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Ok(exit_code(&s))
+    }
+}
+
+/// Whether a job in this phase is over (nothing more will happen to it).
+pub fn is_over(phase: &str) -> bool {
+    matches!(phase, "done" | "failed" | "cancelled")
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -234,7 +274,7 @@ pub async fn follow(
             }
             Err(e) => return Err(e),
         };
-        let over = s.phase == "done" || s.phase == "failed";
+        let over = is_over(&s.phase);
         if tty {
             eprint!("\r\x1b[2K{}", progress_line(&s));
             if over {
@@ -430,6 +470,20 @@ pub fn print_summary(s: &pb::JobStatusReply) {
             println!("ledger     kept on the target in schema haul (--keep-ledger); drop it with DROP SCHEMA haul CASCADE");
         }
     }
+    if s.phase == "cancelled" || s.phase == "cancelling" {
+        if s.undone.is_empty() && s.phase == "cancelled" {
+            println!("undone     nothing");
+        }
+        for line in &s.undone {
+            println!("undone     {line}");
+        }
+        if s.left.is_empty() && s.phase == "cancelled" {
+            println!("left       nothing: the target is as the preflight found it");
+        }
+        for line in &s.left {
+            println!("left       {line}");
+        }
+    }
     match s.snapshots.len() {
         0 => {}
         1 => println!(
@@ -482,6 +536,9 @@ pub fn print_summary(s: &pb::JobStatusReply) {
 pub fn exit_code(s: &pb::JobStatusReply) -> ExitCode {
     if s.phase == "done" {
         ExitCode::SUCCESS
+    } else if s.phase == "cancelled" {
+        say_error(&format!("{} was cancelled", s.job_id));
+        ExitCode::FAILURE
     } else {
         say_error(&format!(
             "{} failed: {}",
@@ -529,6 +586,7 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "cap_bytes_per_sec": s.cap_bytes_per_sec, "cap": s.cap, "wire_rate": s.wire_rate,
         "codecs": s.codecs,
         "paused": s.paused,
+        "undone": s.undone, "left": s.left,
     })
     .to_string()
 }

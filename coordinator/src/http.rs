@@ -276,7 +276,15 @@ pub(crate) fn metrics_text(jobs: &[JobMetrics], agents: &[AgentMetrics]) -> Stri
         "# HELP haul_job_phase 1 for the phase the job is in\n# TYPE haul_job_phase gauge"
     );
     for j in jobs {
-        for phase in ["planning", "copying", "finalizing", "done", "failed"] {
+        for phase in [
+            "planning",
+            "copying",
+            "finalizing",
+            "done",
+            "failed",
+            "cancelling",
+            "cancelled",
+        ] {
             let _ = writeln!(
                 out,
                 "haul_job_phase{{job=\"{}\",phase=\"{phase}\"}} {}",

@@ -20,6 +20,9 @@ pub enum Phase {
     Finalizing,
     Done,
     Failed,
+    /// `haul cancel`: nothing more of it goes out; its undo is on its way to the target.
+    Cancelling,
+    Cancelled,
 }
 
 impl Phase {
@@ -30,10 +33,12 @@ impl Phase {
             Phase::Finalizing => "finalizing",
             Phase::Done => "done",
             Phase::Failed => "failed",
+            Phase::Cancelling => "cancelling",
+            Phase::Cancelled => "cancelled",
         }
     }
     pub fn is_over(self) -> bool {
-        matches!(self, Phase::Done | Phase::Failed)
+        matches!(self, Phase::Done | Phase::Failed | Phase::Cancelled)
     }
 }
 
@@ -188,6 +193,17 @@ pub struct JobRecord {
     /// Whether the haul schema is gone from the target (false with --keep-ledger).
     #[serde(default)]
     pub ledger_dropped: bool,
+    /// `haul cancel --keep-target`: undo nothing on the target, only say what is there.
+    #[serde(default)]
+    pub cancel_keep_target: bool,
+    /// The phase the job was in when it was cancelled.
+    #[serde(default)]
+    pub cancelled_in: String,
+    /// What the cancel undid on the target, and what the job left there, a line each.
+    #[serde(default)]
+    pub undone: Vec<String>,
+    #[serde(default)]
+    pub left: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -392,6 +408,10 @@ impl Job {
                 cleanup_pending: false,
                 cleanup_holder: None,
                 ledger_dropped: false,
+                cancel_keep_target: false,
+                cancelled_in: String::new(),
+                undone: Vec::new(),
+                left: Vec::new(),
                 planner_incarnation: String::new(),
                 snapshot_lost: false,
                 snapshot_leased: false,
@@ -418,7 +438,9 @@ impl Job {
     }
 
     pub fn fail(&mut self, message: impl Into<String>) {
-        if !self.record.phase.is_over() {
+        // A job being cancelled ends cancelled (or, if its undo cannot run, failed by
+        // `report_failure`), whatever else goes wrong with what was still out.
+        if !self.record.phase.is_over() && self.record.phase != Phase::Cancelling {
             self.record.phase = Phase::Failed;
             self.record.error = message.into();
             self.record.finished_unix_ms = now_ms();
@@ -455,6 +477,22 @@ impl Job {
             }
         }
         (revoked, changed)
+    }
+
+    /// Cancel (`haul cancel`): every lease revoked as by [`Job::pause`], and the job turns to
+    /// undoing what it wrote. Returns what `pause` returns.
+    pub fn cancel(&mut self, keep_target: bool) -> (usize, Vec<Chunk>) {
+        let out = self.pause();
+        self.record.paused = false;
+        self.record.cancelled_in = self.record.phase.as_str().to_string();
+        self.record.phase = Phase::Cancelling;
+        self.record.cancel_keep_target = keep_target;
+        self.record.cleanup_holder = None;
+        self.record.cleanup_pending = false;
+        self.record.finalize_leased = false;
+        self.record.finalize_attempts = 0;
+        self.record.finalize_not_before_ms = 0;
+        out
     }
 
     /// Leases out now, with any sender (a group's lease counts once).

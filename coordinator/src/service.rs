@@ -214,6 +214,25 @@ impl State {
             .iter_mut()
             .filter(|j| !j.record.phase.is_over() && !j.record.paused)
         {
+            if j.record.phase == Phase::Cancelling {
+                // The undo needs no snapshot: any sender may carry it to the receiver, which
+                // runs it after whatever of the job it is applying now, and takes nothing
+                // of the job after it.
+                if j.record.cleanup_holder.is_none() && j.record.finalize_not_before_ms <= now_ms()
+                {
+                    j.record.cleanup_holder = Some(agent.to_string());
+                    return Some(pb::sender_task::Task::Cleanup(pb::CleanupTask {
+                        job_id: j.record.id.clone(),
+                        receiver_addr: receiver
+                            .clone()
+                            .unwrap_or_else(|| j.record.receiver_addr.clone()),
+                        keep_ledger: j.record.options.keep_ledger,
+                        undo: true,
+                        keep_target: j.record.cancel_keep_target,
+                    }));
+                }
+                continue;
+            }
             if j.record.snapshot_lost {
                 // Nothing of this job can be read until a sender exports a new snapshot.
                 if j.record.snapshot_leased {
@@ -346,6 +365,7 @@ impl State {
                         job_id: j.record.id.clone(),
                         receiver_addr: j.record.receiver_addr.clone(),
                         keep_ledger: j.record.options.keep_ledger,
+                        ..Default::default()
                     }));
                 }
                 Phase::Finalizing
@@ -815,6 +835,20 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
+        if job.record.phase == Phase::Cancelling && r.undo {
+            job.record.cleanup_holder = None;
+            job.record.phase = Phase::Cancelled;
+            job.record.finished_unix_ms = now_ms();
+            job.record.undone = r.undone;
+            job.record.left = r.left;
+            job.record.ledger_dropped =
+                !job.record.left.iter().any(|l| l.starts_with("schema haul"));
+            tracing::info!(job = %job.record.id, undone = ?job.record.undone, left = ?job.record.left, "cancelled");
+            let record = job.record.clone();
+            drop(st);
+            self.inner.save(&record).await?;
+            return Ok(Response::new(pb::Empty {}));
+        }
         if job.record.phase != Phase::Finalizing || !job.record.cleanup_pending {
             return Ok(Response::new(pb::Empty {}));
         }
@@ -1048,7 +1082,24 @@ impl Coordinator for CoordinatorService {
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
         let mut changed_chunks = Vec::new();
-        if !r.lost_snapshot.is_empty() {
+        if job.record.phase == Phase::Cancelling {
+            // Only the undo's own failure matters now: it is retried with backoff, and a
+            // target that refuses it for good fails the job with what it said.
+            if r.chunk_id == 0 && job.record.cleanup_holder.as_deref() == Some(reporter.as_str()) {
+                job.record.cleanup_holder = None;
+                job.record.finalize_attempts += 1;
+                job.record.finalize_not_before_ms =
+                    now_ms() + backoff_ms(job.record.finalize_attempts);
+                if r.fatal || job.record.finalize_attempts >= MAX_FINALIZE_ATTEMPTS {
+                    job.record.phase = Phase::Failed;
+                    job.record.error = format!(
+                        "cancelled, but the target could not be put back: {}",
+                        r.message
+                    );
+                    job.record.finished_unix_ms = now_ms();
+                }
+            }
+        } else if !r.lost_snapshot.is_empty() {
             // The snapshot could not be imported: its holder is gone. Not the chunk's fault.
             if r.lost_snapshot == job.record.snapshot_id && !job.record.snapshot_lost {
                 tracing::warn!(job = %r.job_id, snapshot = %r.lost_snapshot, "snapshot lost; a new one will be exported");
@@ -1206,12 +1257,31 @@ impl Coordinator for CoordinatorService {
         let mut st = self.inner.state.lock().await;
         let index = st.operator_job(&r.job_id)?;
         let job = &mut st.jobs[index];
-        if job.record.phase.is_over() {
-            return Err(Status::failed_precondition(format!(
-                "job {} is {}; only a job that is still moving can be paused or resumed",
-                job.record.id,
-                job.record.phase.as_str()
-            )));
+        let phase = job.record.phase;
+        match steer {
+            // A failed job can be cancelled: its undo takes away what it left.
+            pb::Steer::Cancel if phase == Phase::Failed => {}
+            pb::Steer::Cancel if phase == Phase::Done => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} is done: the target holds the move, verified; there is nothing to cancel \
+                     (drop the target database to undo it)",
+                    job.record.id
+                )));
+            }
+            _ if phase.is_over() => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} is {}; only a job that is still moving can be paused, resumed or cancelled",
+                    job.record.id,
+                    phase.as_str()
+                )));
+            }
+            pb::Steer::Pause | pb::Steer::Resume if phase == Phase::Cancelling => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} is being cancelled; it cannot be paused or resumed",
+                    job.record.id
+                )));
+            }
+            _ => {}
         }
         let (revoked, changed) = match steer {
             pb::Steer::Pause => job.pause(),
@@ -1219,8 +1289,11 @@ impl Coordinator for CoordinatorService {
                 job.record.paused = false;
                 (0, Vec::new())
             }
+            // Cancelling twice is cancelling once.
+            pb::Steer::Cancel if phase == Phase::Cancelling => (0, Vec::new()),
+            pb::Steer::Cancel => job.cancel(r.keep_target),
             pb::Steer::Unspecified => {
-                return Err(Status::invalid_argument("say pause or resume"));
+                return Err(Status::invalid_argument("say pause, resume or cancel"));
             }
         };
         let record = job.record.clone();
@@ -1235,7 +1308,12 @@ impl Coordinator for CoordinatorService {
         if !record.paused {
             self.inner.work.notify_waiters();
         }
-        tracing::info!(job = %record.id, paused = record.paused, leases_revoked = revoked, "job {}", if record.paused { "paused" } else { "resumed" });
+        let did = match steer {
+            pb::Steer::Cancel => "cancelled",
+            _ if record.paused => "paused",
+            _ => "resumed",
+        };
+        tracing::info!(job = %record.id, paused = record.paused, leases_revoked = revoked, "job {did}");
         Ok(Response::new(pb::SteerJobReply {
             job_id: record.id,
             phase: record.phase.as_str().to_string(),
@@ -1488,6 +1566,7 @@ impl State {
                     .collect();
                 serde_json::json!({
                     "job": s.job_id, "phase": s.phase, "step": s.step, "paused": s.paused,
+                    "undone": s.undone, "left": s.left,
                     "error": s.error, "elapsed_secs": s.elapsed_secs,
                     "tables": s.tables, "chunks": s.chunks, "chunks_done": s.chunks_done,
                     "rows_done": s.rows_done, "raw_bytes_done": s.raw_bytes_done,
@@ -1553,8 +1632,17 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
         sequences: rec.sequences,
         snapshot_id: rec.snapshot_id.clone(),
         planned_bytes: job.tables.iter().map(|t| t.bytes).sum(),
+        undone: rec.undone.clone(),
+        left: rec.left.clone(),
         ..Default::default()
     };
+    if rec.phase == Phase::Cancelling {
+        reply.step = if rec.cancel_keep_target {
+            "surveying what the job left on the target".to_string()
+        } else {
+            "undoing what the job wrote to the target".to_string()
+        };
+    }
     if rec.phase == Phase::Finalizing {
         reply.step = if rec.cleanup_pending {
             "cleanup".to_string()

@@ -25,7 +25,14 @@ pub const CREATE: &str = "CREATE SCHEMA IF NOT EXISTS haul; \
         job_id text NOT NULL, \
         step text NOT NULL, \
         applied_at timestamptz NOT NULL DEFAULT now(), \
-        PRIMARY KEY (job_id, step))";
+        PRIMARY KEY (job_id, step)); \
+    CREATE TABLE IF NOT EXISTS haul.undo ( \
+        job_id text NOT NULL, \
+        stage integer NOT NULL, \
+        what text NOT NULL, \
+        statements text[] NOT NULL, \
+        recorded_at timestamptz NOT NULL DEFAULT now(), \
+        PRIMARY KEY (job_id, stage))";
 
 /// The row that says one finalize step of a job is in (a post-data entry, say), written in the
 /// transaction that applies it: a finalize run again after a crash skips what is recorded.
@@ -80,7 +87,8 @@ pub async fn other_job(
                               FROM haul.ledger l WHERE l.job_id = j.job_id), 'no chunks') \
              FROM (SELECT job_id FROM haul.ledger WHERE job_id <> $1 \
                    UNION SELECT job_id FROM haul.schema_applied WHERE job_id <> $1 \
-                   UNION SELECT job_id FROM haul.finalize_applied WHERE job_id <> $1) j \
+                   UNION SELECT job_id FROM haul.finalize_applied WHERE job_id <> $1 \
+                   UNION SELECT job_id FROM haul.undo WHERE job_id <> $1) j \
              ORDER BY 1 LIMIT 1",
             &[&job_id],
         )
@@ -106,9 +114,10 @@ pub async fn drop_job(client: &Client, job_id: &str) -> anyhow::Result<bool> {
          DELETE FROM haul.ledger WHERE job_id = {id}; \
          DELETE FROM haul.schema_applied WHERE job_id = {id}; \
          DELETE FROM haul.finalize_applied WHERE job_id = {id}; \
+         DELETE FROM haul.undo WHERE job_id = {id}; \
          DO $$ BEGIN \
            IF NOT EXISTS (SELECT 1 FROM haul.ledger) AND NOT EXISTS (SELECT 1 FROM haul.schema_applied) \
-              AND NOT EXISTS (SELECT 1 FROM haul.finalize_applied) THEN \
+              AND NOT EXISTS (SELECT 1 FROM haul.finalize_applied) AND NOT EXISTS (SELECT 1 FROM haul.undo) THEN \
              DROP SCHEMA haul CASCADE; \
            END IF; END $$; \
          COMMIT",
@@ -188,4 +197,56 @@ pub async fn applied(
         .await
         .context("read ledger")?;
     Ok(row.map(|r| (r.get::<_, i64>(0).max(0) as u64, r.get::<_, String>(1))))
+}
+
+/// Record how to undo one stage of a job (`crate::undo`), before the stage writes anything.
+/// The first record of a stage stands: a stage run again after a crash finds the target partly
+/// changed by its first run, and what it would record now would no longer be the state before.
+pub async fn record_undo(
+    client: &Client,
+    job_id: &str,
+    stage: i32,
+    what: &str,
+    statements: &[String],
+) -> anyhow::Result<()> {
+    client
+        .execute(
+            "INSERT INTO haul.undo (job_id, stage, what, statements) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (job_id, stage) DO NOTHING",
+            &[&job_id, &stage, &what, &statements],
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "record how to undo {what} in haul.undo: {}",
+                haul_core::pg::db_error_line(&e)
+            )
+        })?;
+    Ok(())
+}
+
+/// A job's undo stages, the last recorded first (the order they are undone in).
+pub async fn undo_stages(
+    client: &Client,
+    job_id: &str,
+) -> anyhow::Result<Vec<(i32, String, Vec<String>)>> {
+    if !client
+        .query_one("SELECT to_regclass('haul.undo') IS NOT NULL", &[])
+        .await
+        .context("look up haul.undo on target")?
+        .get::<_, bool>(0)
+    {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            "SELECT stage, what, statements FROM haul.undo WHERE job_id = $1 ORDER BY stage DESC",
+            &[&job_id],
+        )
+        .await
+        .context("read haul.undo")?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }

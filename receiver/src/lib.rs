@@ -13,6 +13,7 @@ mod restore;
 mod schema;
 mod service;
 mod spool;
+mod undo;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -83,6 +84,7 @@ pub async fn run(
         )?),
         config: config.clone(),
         finalizing: Default::default(),
+        cancelled: Default::default(),
         shapes: Default::default(),
     });
     let svc = pb::receiver_server::ReceiverServer::new(service::ReceiverService { inner })

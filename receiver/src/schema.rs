@@ -154,13 +154,13 @@ pub async fn preflight_extensions(client: &Client, names: &[String]) -> anyhow::
 }
 
 /// The roles the moved objects need that the target lacks. Without `create`, they are refused
-/// in one line naming them all and the flags that help; with it, their `CREATE ROLE`
-/// statements are returned, to run in the transaction that applies pre-data.
+/// in one line naming them all and the flags that help; with it, they are returned, their
+/// `CREATE ROLE` statements to run in the transaction that applies pre-data.
 pub async fn preflight_roles(
     client: &Client,
     roles: &[pb::RoleDef],
     create: bool,
-) -> anyhow::Result<Vec<String>> {
+) -> anyhow::Result<Vec<pb::RoleDef>> {
     if roles.is_empty() {
         return Ok(Vec::new());
     }
@@ -181,7 +181,7 @@ pub async fn preflight_roles(
     Ok(roles
         .iter()
         .filter(|r| missing.contains(&r.name))
-        .map(|r| r.create_sql.clone())
+        .cloned()
         .collect())
 }
 

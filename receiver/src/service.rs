@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::partial::{self, Partials};
 use crate::restore::{self, Applied, Restore};
 use crate::spool::{self, Spool};
-use crate::{ledger, pool::Pool, schema, ReceiverConfig};
+use crate::{ledger, pool::Pool, schema, undo, ReceiverConfig};
 use haul_core::chunk_rows as readback;
 use haul_core::row_digest::RowDigest;
 
@@ -53,6 +53,8 @@ pub struct Inner {
         std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Column shapes for row digests, from the target's catalog.
     pub shapes: haul_core::row_digest::ShapeCache,
+    /// Jobs cancelled (and undone) since this process started: nothing more of them is taken.
+    pub cancelled: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Inner {
@@ -62,6 +64,22 @@ impl Inner {
             // A poisoned map only loses the serialisation; each step is still idempotent.
             Err(_) => Arc::new(tokio::sync::Mutex::new(())),
         }
+    }
+
+    /// Refuse work of a job that was cancelled here: its undo ran, and anything taken now
+    /// would be left behind.
+    fn refuse_cancelled(&self, job_id: &str) -> anyhow::Result<()> {
+        let cancelled = self
+            .cancelled
+            .lock()
+            .map(|c| c.contains(job_id))
+            .unwrap_or(false);
+        if cancelled {
+            return Err(haul_core::status::fatal(format!(
+                "job {job_id} was cancelled; this receiver takes nothing more of it"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -220,12 +238,20 @@ impl ReceiverService {
             let text = tokio::fs::read_to_string(&path)
                 .await
                 .context("read post-data spool")?;
+            let script = Script::parse(&text);
+            // How to undo it is written down before any of it is applied (at finalize).
+            let client = self.inner.config.target.connect("haul-schema").await?;
+            undo::record_post_data(&client, &first.job_id, &script.drops).await?;
             return Ok(pb::SchemaReply {
-                objects: Script::parse(&text).entries.len() as u32,
+                objects: script.entries.len() as u32,
             });
         }
 
         let tables: Vec<TableName> = first.tables.iter().map(TableName::from).collect();
+        // Never at the same time as a cancel's undo of the job.
+        let lock = self.inner.job_lock(&first.job_id);
+        let _one_at_a_time = lock.lock().await;
+        self.inner.refuse_cancelled(&first.job_id)?;
         let client = self.inner.config.target.connect("haul-schema").await?;
         if ledger::exists(&client).await? {
             // Tables a ledger of an older haul lacks are added first (no rows are written).
@@ -257,6 +283,15 @@ impl ReceiverService {
                 schema::preflight_roles(&client, &first.roles, first.create_roles).await?;
         }
         ledger::ensure(&client).await?;
+        // What the job will write, and how to undo it (`haul cancel`), before it is written.
+        undo::record_preflight(
+            &client,
+            &first.job_id,
+            &tables,
+            first.create_schema,
+            first.large_objects,
+        )
+        .await?;
         if !first.create_schema {
             return Ok(pb::SchemaReply { objects: 0 });
         }
@@ -264,6 +299,9 @@ impl ReceiverService {
             .await
             .context("read pre-data spool")?;
         let script = Script::parse(&text);
+        let role_names: Vec<String> = create_roles.iter().map(|r| r.name.clone()).collect();
+        undo::record_pre_data(&client, &first.job_id, &script.drops, &role_names).await?;
+        let create_roles: Vec<String> = create_roles.into_iter().map(|r| r.create_sql).collect();
         tracing::info!(
             job = %first.job_id,
             bytes = text.len(),
@@ -287,6 +325,7 @@ impl ReceiverService {
         &self,
         r: pb::BeginChunkRequest,
     ) -> anyhow::Result<pb::BeginChunkReply> {
+        self.inner.refuse_cancelled(&r.job_id)?;
         let partials = &self.inner.partials;
         // The ledger answer only saves bytes; the ledger claim at restore is what keeps a
         // chunk applied once. A target that is away (restarting) does not stop the bytes from
@@ -800,7 +839,14 @@ impl ReceiverService {
         };
         haul_core::failpoint::die("die-before-sequences");
         haul_core::failpoint::stall("stall-before-sequences").await;
-        // setval is idempotent: the same values set twice are the same values.
+        // setval is idempotent: the same values set twice are the same values. Into tables
+        // that were there before the job, the values found are written down first.
+        let names: Vec<(String, String)> = req
+            .sequences
+            .iter()
+            .map(|s| (s.schema.clone(), s.name.clone()))
+            .collect();
+        undo::record_sequences(&client, job, &names).await?;
         schema::set_sequences(&client, &req.sequences).await?;
         haul_core::failpoint::die("die-before-matviews");
         haul_core::failpoint::stall("stall-before-matviews").await;
@@ -937,16 +983,47 @@ impl ReceiverService {
         let _one_at_a_time = lock.lock().await;
         haul_core::failpoint::die("die-in-cleanup");
         haul_core::failpoint::stall("stall-in-cleanup").await;
-        let schema_dropped = if req.keep_ledger {
+        let mut outcome = undo::Outcome::default();
+        if req.undo {
+            if let Ok(mut c) = self.inner.cancelled.lock() {
+                c.insert(req.job_id.clone());
+            }
+            // The job's leases are revoked: a chunk of it still arriving cannot commit
+            // (`CheckLease`), and one committing now holds its table's lock until it is in, so
+            // the undo below waits for it and takes it away too.
+            let client = self.inner.config.target.connect("haul-cancel").await?;
+            outcome = undo::run(&client, &req.job_id, req.keep_target).await?;
+        }
+        // A cancelled job kept on the target keeps its ledger too: it says which chunks of
+        // the rows there were applied, and by which job. One undone loses it, --keep-ledger
+        // or not: it would only describe rows that are gone.
+        let keep = if req.undo {
+            req.keep_target
+        } else {
+            req.keep_ledger
+        };
+        let schema_dropped = if keep {
             false
         } else {
             let client = self.inner.config.target.connect("haul-cleanup").await?;
             ledger::drop_job(&client, &req.job_id).await?
         };
+        if req.undo && !schema_dropped {
+            outcome.left.push(if req.keep_target {
+                "schema haul with the job's ledger (DROP SCHEMA haul CASCADE once it is not needed)"
+                    .to_string()
+            } else {
+                "schema haul, which holds another job's ledger too".to_string()
+            });
+        }
         self.inner.spool.remove_job(&req.job_id).await;
         self.inner.partials.forget_job(&req.job_id);
-        tracing::info!(job = %req.job_id, schema_dropped, "cleaned up");
-        Ok(pb::CleanupReply { schema_dropped })
+        tracing::info!(job = %req.job_id, schema_dropped, undo = req.undo, undone = ?outcome.undone, left = ?outcome.left, "cleaned up");
+        Ok(pb::CleanupReply {
+            schema_dropped,
+            undone: outcome.undone,
+            left: outcome.left,
+        })
     }
 }
 

@@ -126,6 +126,9 @@ async fn produce(
         })
         // Large objects move as chunks (`core::large_object`), never in the schema script.
         .args(["--no-subscriptions", "--no-blobs", "--exclude-schema=haul"])
+        // The statements that drop what the script creates come first: the receiver keeps
+        // them as the job's undo (`haul cancel`) and never runs them as part of the script.
+        .args(["--clean", "--if-exists"])
         .arg(format!("--snapshot={}", up.snapshot_id))
         .arg(format!("--dbname={}", up.source.raw()))
         .stdin(Stdio::null())

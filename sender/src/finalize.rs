@@ -192,21 +192,32 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
 }
 
 /// The cleanup task: ask the receiver to remove the job's ledger (unless kept) and spool, then
-/// tell the coordinator the job is done. Both calls are idempotent.
+/// tell the coordinator the job is done. Both calls are idempotent. For a cancelled job the
+/// receiver first undoes what the job wrote (or only surveys it, with `keep_target`), and the
+/// report says what it undid and what is left.
 pub async fn cleanup(shared: &Arc<Shared>, task: pb::CleanupTask) -> anyhow::Result<()> {
     let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
     let reply = receiver
         .cleanup(pb::CleanupRequest {
             job_id: task.job_id.clone(),
             keep_ledger: task.keep_ledger,
+            undo: task.undo,
+            keep_target: task.keep_target,
         })
         .await
         .map_err(|s| from_status(s, "receiver could not clean up"))?
         .into_inner();
     // Test point: the target is clean, the coordinator not yet told.
     haul_core::failpoint::die("die-before-cleanup-report");
+    if task.undo {
+        // What this sender staged of a cancelled job will never be sent.
+        shared.staging.remove_job(&task.job_id).await;
+    }
     let report = pb::CleanupReport {
         job_id: task.job_id.clone(),
+        undo: task.undo,
+        undone: reply.undone.clone(),
+        left: reply.left.clone(),
     };
     try_deliver(|| {
         let mut c = shared.peers.coordinator();

@@ -16,10 +16,15 @@ pub struct Entry {
     pub sql: String,
 }
 
-/// A dump split into its session preamble (SET lines run once per connection) and entries.
+/// A dump split into its session preamble (SET lines run once per connection), the statements
+/// that would drop what it creates (`pg_dump --clean --if-exists` puts them, in reverse
+/// dependency order, between the preamble and the first entry), and its entries.
 #[derive(Debug, Clone, Default)]
 pub struct Script {
     pub preamble: String,
+    /// One `DROP ... IF EXISTS` (or `ALTER TABLE IF EXISTS ... DROP ...`) per line, in the
+    /// order they must run; empty for a dump made without `--clean`.
+    pub drops: Vec<String>,
     pub entries: Vec<Entry>,
 }
 
@@ -52,7 +57,9 @@ impl Script {
                     e.sql.push('\n');
                 }
                 None => {
-                    if !line.starts_with("--") && !line.trim().is_empty() {
+                    if line.starts_with("DROP ") || line.starts_with("ALTER ") {
+                        script.drops.push(line.to_string());
+                    } else if !line.starts_with("--") && !line.trim().is_empty() {
                         script.preamble.push_str(line);
                         script.preamble.push('\n');
                     }
@@ -141,5 +148,30 @@ ALTER TABLE ONLY public.t ADD CONSTRAINT t_fk FOREIGN KEY (x) REFERENCES public.
         assert!(!s.entries[3].sql.contains("unrestrict"));
         assert!(Script::is_independent_post(&s.entries[2]));
         assert!(!Script::is_independent_post(&s.entries[3]));
+    }
+
+    #[test]
+    fn the_drops_of_a_clean_dump_are_kept_apart_from_the_preamble() {
+        let clean =
+            "--\n-- PostgreSQL database dump\n--\n\n\\restrict abc\nSET lock_timeout = 0;\n\
+ALTER TABLE IF EXISTS public.c ALTER COLUMN id DROP DEFAULT;\nDROP TABLE IF EXISTS public.c;\n\
+DROP SCHEMA IF EXISTS s;\n\
+--\n-- Name: s; Type: SCHEMA; Schema: -; Owner: -\n--\n\nCREATE SCHEMA s;\n\n\
+--\n-- Name: c; Type: TABLE; Schema: public; Owner: -\n--\n\nCREATE TABLE public.c (id int);\n\
+ALTER TABLE public.c OWNER TO u;\n";
+        let s = Script::parse(clean);
+        assert_eq!(s.preamble, "SET lock_timeout = 0;\n");
+        assert_eq!(
+            s.drops,
+            [
+                "ALTER TABLE IF EXISTS public.c ALTER COLUMN id DROP DEFAULT;",
+                "DROP TABLE IF EXISTS public.c;",
+                "DROP SCHEMA IF EXISTS s;"
+            ]
+        );
+        assert_eq!(s.entries.len(), 2);
+        // An ALTER inside an entry stays in it.
+        assert!(s.entries[1].sql.contains("OWNER TO u"));
+        assert!(Script::parse(DUMP).drops.is_empty());
     }
 }

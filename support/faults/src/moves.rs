@@ -79,6 +79,10 @@ pub struct Setup {
     pub codec: Option<&'static str>,
     /// More flags for the receiver.
     pub receiver_args: Vec<&'static str>,
+    /// More flags for `haul start`.
+    pub start_args: Vec<&'static str>,
+    /// Give the target the source's schema before the job starts (for `--no-schema`).
+    pub target_schema: bool,
     /// More flags for the coordinator (owned: an address picked at run time, say).
     pub coordinator_args: Vec<String>,
     /// `haul start --connections` (default: haul's choice).
@@ -133,6 +137,9 @@ impl Move {
                      FROM generate_series(1, {rows}) AS g; ANALYZE public.bulk;"
                 ),
             )?;
+        }
+        if setup.target_schema {
+            target.psql(DB, &schema_of(&source, DB)?)?;
         }
 
         let dir = tempfile::tempdir()?;
@@ -243,6 +250,7 @@ impl Move {
             if !setup.drop_ledger {
                 args.push("--keep-ledger");
             }
+            args.extend(setup.start_args.iter().copied());
             let out = run(&bin, &args)?;
             if out.status.success() {
                 break;
@@ -381,4 +389,20 @@ pub fn two_clusters() -> anyhow::Result<(Cluster, Cluster)> {
         a.map_err(|_| anyhow::anyhow!("starting a cluster panicked"))??,
         b.map_err(|_| anyhow::anyhow!("starting a cluster panicked"))??,
     ))
+}
+
+/// A database's schema as `pg_dump --schema-only` prints it, to load elsewhere with psql.
+pub fn schema_of(cluster: &Cluster, db: &str) -> anyhow::Result<String> {
+    let pg_dump = haul_pgcluster::pg_bin("pg_dump")?;
+    let out = std::process::Command::new(pg_dump)
+        .args(["--schema-only", "-d"])
+        .arg(cluster.url(db))
+        .output()
+        .context("run pg_dump")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "pg_dump --schema-only: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
 }
