@@ -805,6 +805,7 @@ impl ReceiverService {
     async fn finalize_inner(&self, req: pb::FinalizeRequest) -> anyhow::Result<pb::FinalizeReply> {
         let lock = self.inner.job_lock(&req.job_id);
         let _one_at_a_time = lock.lock().await;
+        self.inner.refuse_cancelled(&req.job_id)?;
         let target = &self.inner.config.target;
         let job = req.job_id.as_str();
         let client = target.connect("haul-finalize").await?;
