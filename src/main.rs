@@ -9,6 +9,7 @@ mod copy;
 mod demo;
 mod operator;
 mod plan;
+mod progress;
 mod verify;
 
 use std::process::ExitCode;

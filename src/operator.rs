@@ -1,5 +1,5 @@
-//! Operator commands: start a job and follow it. Progress goes to stderr (a live line on a
-//! terminal, a line every few seconds otherwise); the summary goes to stdout.
+//! Operator commands: start a job and follow it. Progress goes to stderr (bars on a terminal,
+//! `crate::progress`; a line every few seconds otherwise); the summary goes to stdout.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -246,6 +246,7 @@ async fn fetch(
     c.job_status(pb::JobStatusRequest {
         job_id: job_id.to_string(),
         detail,
+        in_flight_tables: false,
     })
     .await
     .map(|r| r.into_inner())
@@ -258,10 +259,20 @@ pub async fn follow(
     job_id: &str,
 ) -> anyhow::Result<pb::JobStatusReply> {
     let tty = std::io::stderr().is_terminal();
+    let mut bars = tty.then(crate::progress::Bars::new);
     let mut last_print = std::time::Instant::now() - Duration::from_secs(60);
     let mut failures = 0;
     loop {
-        let s = match fetch(c, job_id, false).await {
+        let polled = c
+            .job_status(pb::JobStatusRequest {
+                job_id: job_id.to_string(),
+                detail: false,
+                in_flight_tables: tty,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| fatal(format!("status: {}", s.message())));
+        let s = match polled {
             Ok(s) => {
                 failures = 0;
                 s
@@ -275,10 +286,12 @@ pub async fn follow(
             Err(e) => return Err(e),
         };
         let over = is_over(&s.phase);
-        if tty {
-            eprint!("\r\x1b[2K{}", progress_line(&s));
+        if let Some(b) = bars.as_mut() {
+            b.update(&s);
             if over {
-                eprintln!();
+                if let Some(b) = bars.take() {
+                    b.finish();
+                }
             }
         } else if over || last_print.elapsed() >= Duration::from_secs(5) {
             if json_logs() {
@@ -289,6 +302,7 @@ pub async fn follow(
                     percent = (done_fraction(&s) * 1000.0).round() / 10.0,
                     chunks_done = s.chunks_done,
                     chunks = s.chunks,
+                    retries = s.retries,
                     rows = s.rows_done,
                     raw_bytes = s.raw_bytes_done,
                     wire_bytes = s.wire_bytes_done,
@@ -402,6 +416,7 @@ pub fn progress_line(s: &pb::JobStatusReply) -> String {
         human_bytes(rate as u64),
         eta
     );
+    line.push_str(&format!("  retried {}", s.retries));
     if !s.codecs.is_empty() && s.phase == "copying" {
         line.push_str(&format!("  codec {}", s.codecs));
     }
@@ -554,8 +569,17 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         .table_progress
         .iter()
         .map(|t| {
-            let name = t.table.as_ref().map(|t| format!("{}.{}", t.schema, t.name)).unwrap_or_default();
-            serde_json::json!({"table": name, "chunks": t.chunks, "chunks_done": t.chunks_done, "bytes": t.bytes, "rows_done": t.rows_done})
+            let name = t
+                .table
+                .as_ref()
+                .map(|t| format!("{}.{}", t.schema, t.name))
+                .unwrap_or_default();
+            serde_json::json!({
+                "table": name, "chunks": t.chunks, "chunks_done": t.chunks_done,
+                "chunks_in_flight": t.chunks_in_flight, "bytes": t.bytes, "rows_done": t.rows_done,
+                "raw_bytes_done": t.raw_bytes_done, "wire_bytes_done": t.wire_bytes_done,
+                "est_bytes": t.est_bytes, "est_bytes_done": t.est_bytes_done, "retries": t.retries,
+            })
         })
         .collect();
     let snapshots: Vec<serde_json::Value> = s
@@ -585,7 +609,7 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "table_progress": tables, "mismatches": mismatches,
         "cap_bytes_per_sec": s.cap_bytes_per_sec, "cap": s.cap, "wire_rate": s.wire_rate,
         "codecs": s.codecs,
-        "paused": s.paused,
+        "paused": s.paused, "retries": s.retries,
         "undone": s.undone, "left": s.left,
     })
     .to_string()

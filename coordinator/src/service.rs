@@ -1403,7 +1403,11 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let st = self.inner.state.lock().await;
         let index = st.operator_job(&r.job_id)?;
-        Ok(Response::new(st.status_reply(index, r.detail)))
+        let mut reply = st.status_reply(index, r.detail || r.in_flight_tables);
+        if r.in_flight_tables && !r.detail {
+            reply.table_progress.retain(|t| t.chunks_in_flight > 0);
+        }
+        Ok(Response::new(reply))
     }
 }
 
@@ -1666,12 +1670,18 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
         })
         .collect();
     for c in &job.chunks {
+        reply.retries += c.attempts as u64;
         if let Some(tp) = per_table.get_mut(c.table) {
             tp.chunks += 1;
+            tp.retries += c.attempts as u64;
+            tp.est_bytes += c.est_bytes;
         }
         if let ChunkState::Leased { .. } = c.state {
             if detail {
                 reply.in_flight.push(c.id);
+            }
+            if let Some(tp) = per_table.get_mut(c.table) {
+                tp.chunks_in_flight += 1;
             }
         }
         if let ChunkState::Done {
@@ -1692,6 +1702,9 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
             if let Some(tp) = per_table.get_mut(c.table) {
                 tp.chunks_done += 1;
                 tp.rows_done += rows;
+                tp.raw_bytes_done += raw_bytes;
+                tp.wire_bytes_done += wire_bytes;
+                tp.est_bytes_done += c.est_bytes;
             }
         }
     }
