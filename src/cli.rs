@@ -231,6 +231,14 @@ pub struct JobArgs {
     /// the database moves, as with pg_dump --exclude-table.
     #[arg(long, value_name = "PATTERN")]
     pub exclude_tables: Option<String>,
+    /// Only these schemas: comma-separated globs on schema names. Their tables move, and their
+    /// other objects (functions, types, views) with them, as with pg_dump --schema.
+    #[arg(long, value_name = "PATTERN")]
+    pub schemas: Option<String>,
+    /// Leave these schemas out, with everything in them (comma-separated globs), as with
+    /// pg_dump --exclude-schema.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude_schemas: Option<String>,
     /// Split tables larger than this into chunks, e.g. 256MB.
     #[arg(long, value_name = "SIZE")]
     pub chunk_size: Option<String>,

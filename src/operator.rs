@@ -61,6 +61,8 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         connections,
         codec_auto,
         exclude_tables,
+        schemas: table_patterns(a.schemas.as_deref()),
+        exclude_schemas: table_patterns(a.exclude_schemas.as_deref()),
         create_schema: !a.no_schema,
         verify: !a.no_verify,
         tables,

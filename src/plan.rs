@@ -38,14 +38,10 @@ pub async fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         .batch_execute("BEGIN TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .await
         .context("open a read-only transaction on the source")?;
-    let mut tables = haul_sender::catalog::measure_tables(
-        &client,
-        &options.tables,
-        &options.exclude_tables,
-        options.chunk_bytes,
-    )
-    .await?;
-    let large_objects = if options.tables.is_empty() {
+    let filter = haul_core::ident::TableFilter::of(&options);
+    let mut tables =
+        haul_sender::catalog::measure_tables(&client, &filter, options.chunk_bytes).await?;
+    let large_objects = if filter.whole_database() {
         haul_sender::catalog::measure_large_objects(&client, options.chunk_bytes).await?
     } else {
         None

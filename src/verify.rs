@@ -52,8 +52,11 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 
     let src = source.connect("haul-verify").await?;
     let dst = target.connect("haul-verify").await?;
-    let mut tables =
-        haul_sender::catalog::measure_tables(&src, &patterns, &[], chunk_bytes).await?;
+    let filter = haul_core::ident::TableFilter {
+        tables: patterns.clone(),
+        ..Default::default()
+    };
+    let mut tables = haul_sender::catalog::measure_tables(&src, &filter, chunk_bytes).await?;
     if patterns.is_empty() {
         tables.extend(haul_sender::catalog::measure_large_objects(&src, chunk_bytes).await?);
     }
@@ -125,7 +128,7 @@ pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     // Sequences: their values on both sides.
     let src = source.connect("haul-verify").await?;
     let dst = target.connect("haul-verify").await?;
-    let seqs = haul_sender::catalog::sequences(&src).await?;
+    let seqs = haul_sender::catalog::sequences(&src, &filter).await?;
     let names: Vec<TableName> = seqs
         .iter()
         .map(|v| TableName::new(v.schema.clone(), v.name.clone()))

@@ -135,6 +135,86 @@ fn tables_codecs_and_caps() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--schemas` moves whole schemas (their tables, and their functions, types, views and
+/// sequences with them); `--exclude-schemas` leaves schemas out with everything in them.
+#[test]
+fn schema_filters_move_or_leave_whole_schemas() -> anyhow::Result<()> {
+    let c = Cluster::start(ClusterOptions::default())?;
+    c.create_database("src")?;
+    c.psql(
+        "src",
+        "CREATE SCHEMA sales; CREATE SCHEMA sales_eu; CREATE SCHEMA hr; \
+         CREATE TYPE sales.state AS ENUM ('open', 'paid'); \
+         CREATE FUNCTION sales.total(int) RETURNS int LANGUAGE sql AS 'SELECT $1 * 2'; \
+         CREATE TABLE sales.orders (id serial PRIMARY KEY, s sales.state, n int); \
+         INSERT INTO sales.orders (s, n) SELECT 'paid', g FROM generate_series(1, 3000) g; \
+         CREATE VIEW sales.big AS SELECT * FROM sales.orders WHERE n > 100; \
+         CREATE TABLE sales_eu.orders (id int PRIMARY KEY); INSERT INTO sales_eu.orders SELECT generate_series(1, 10); \
+         CREATE TABLE hr.people (id int PRIMARY KEY, name text); INSERT INTO hr.people VALUES (1, 'a'); \
+         CREATE TABLE public.notes (body text); INSERT INTO public.notes VALUES ('x');",
+    )?;
+    c.create_database("only")?;
+    let stdout = run(&[
+        "copy",
+        "--source",
+        &c.url("src"),
+        "--target",
+        &c.url("only"),
+        "--schemas",
+        "sales*",
+    ]);
+    assert!(stdout.contains("verified   2 tables"), "{stdout}");
+    let got = c.psql(
+        "only",
+        "SELECT (SELECT count(*) FROM sales.orders), (SELECT count(*) FROM sales.big), sales.total(21), \
+                (SELECT count(*) FROM sales_eu.orders), to_regnamespace('hr') IS NULL, \
+                to_regclass('public.notes') IS NULL, (SELECT last_value FROM sales.orders_id_seq)",
+    )?;
+    assert_eq!(got.trim(), "3000|2900|42|10|t|t|3000");
+
+    c.create_database("except")?;
+    let stdout = run(&[
+        "copy",
+        "--source",
+        &c.url("src"),
+        "--target",
+        &c.url("except"),
+        "--exclude-schemas",
+        "sales*",
+    ]);
+    assert!(stdout.contains("verified   2 tables"), "{stdout}");
+    let got = c.psql(
+        "except",
+        "SELECT to_regnamespace('sales') IS NULL, to_regnamespace('sales_eu') IS NULL, \
+                (SELECT count(*) FROM hr.people), (SELECT count(*) FROM public.notes)",
+    )?;
+    assert_eq!(got.trim(), "t|t|1|1");
+
+    // A pattern no schema matches is refused in one line, with nothing written.
+    c.create_database("none")?;
+    let out = haul(&[
+        "copy",
+        "--source",
+        &c.url("src"),
+        "--target",
+        &c.url("none"),
+        "--schemas",
+        "nosuch*",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no source table matches --schemas nosuch*"),
+        "{err}"
+    );
+    let left = c.psql(
+        "none",
+        "SELECT count(*) FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname NOT IN ('public', 'information_schema')",
+    )?;
+    assert_eq!(left.trim(), "0", "objects were created on the target");
+    Ok(())
+}
+
 /// Bytes from the summary's "bytes ... X read, Y on the wire" line (`which` picks the figure).
 fn summary_bytes(stdout: &str, which: &str) -> f64 {
     let line = stdout

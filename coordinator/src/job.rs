@@ -74,6 +74,10 @@ pub struct Options {
     pub codec_auto: bool,
     #[serde(default)]
     pub exclude_tables: Vec<String>,
+    #[serde(default)]
+    pub schemas: Vec<String>,
+    #[serde(default)]
+    pub exclude_schemas: Vec<String>,
 }
 
 impl From<&haul_proto::JobOptions> for Options {
@@ -96,6 +100,8 @@ impl From<&haul_proto::JobOptions> for Options {
             connections: o.connections,
             codec_auto: o.codec_auto,
             exclude_tables: o.exclude_tables.clone(),
+            schemas: o.schemas.clone(),
+            exclude_schemas: o.exclude_schemas.clone(),
         }
     }
 }
@@ -120,6 +126,8 @@ impl Options {
             connections: self.connections,
             codec_auto: self.codec_auto,
             exclude_tables: self.exclude_tables.clone(),
+            schemas: self.schemas.clone(),
+            exclude_schemas: self.exclude_schemas.clone(),
         }
     }
 
@@ -740,6 +748,8 @@ mod tests {
                 connections: 0,
                 codec_auto: false,
                 exclude_tables: Vec::new(),
+                schemas: Vec::new(),
+                exclude_schemas: Vec::new(),
             },
         );
         for i in 0..n {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use anyhow::Context;
 use haul_core::chunk::{pieces, quantiles, Column, TableMeasure};
-use haul_core::ident::{matches_pattern, TableName};
+use haul_core::ident::{matches_pattern, schema_matches, TableFilter, TableName};
 use haul_core::status::fatal;
 use tokio_postgres::Client;
 
@@ -21,6 +21,26 @@ const NOT_EXTENSION: &str =
 
 /// Every table that holds rows of its own (plain, unlogged, leaf partitions, inheritance parents
 /// and children), measured. Partitioned parents hold no rows and are not listed.
+/// The schemas (of those haul moves) that `patterns` name, for pg_dump's `--schema` and
+/// `--exclude-schema`, each exactly.
+pub async fn schemas_matching(client: &Client, patterns: &[String]) -> anyhow::Result<Vec<String>> {
+    if patterns.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client
+        .query(
+            &format!("SELECT n.nspname::text FROM pg_namespace n WHERE {SKIP_SCHEMAS} ORDER BY 1"),
+            &[],
+        )
+        .await
+        .context("list source schemas")?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .filter(|s| patterns.iter().any(|p| schema_matches(p, s)))
+        .collect())
+}
+
 /// The tables and partitioned tables (of the schemas haul moves) that `patterns` name, for
 /// pg_dump's `--exclude-table`, each exactly.
 pub async fn tables_matching(
@@ -51,8 +71,7 @@ pub async fn tables_matching(
 
 pub async fn measure_tables(
     client: &Client,
-    patterns: &[String],
-    exclude: &[String],
+    filter: &TableFilter,
     chunk_bytes: u64,
 ) -> anyhow::Result<Vec<TableMeasure>> {
     let rows = client
@@ -72,10 +91,7 @@ pub async fn measure_tables(
     let mut by_oid = HashMap::new();
     for r in rows {
         let table = TableName::new(r.get::<_, String>(1), r.get::<_, String>(2));
-        if !patterns.is_empty() && !patterns.iter().any(|p| matches_pattern(p, &table)) {
-            continue;
-        }
-        if exclude.iter().any(|p| matches_pattern(p, &table)) {
+        if !filter.admits(&table) {
             continue;
         }
         let bytes: i64 = r.get(5);
@@ -91,22 +107,18 @@ pub async fn measure_tables(
             pages: (bytes / block).max(r.get::<_, i64>(3)),
         });
     }
-    if patterns.is_empty() && !exclude.is_empty() && tables.is_empty() {
-        return Err(fatal(format!(
-            "--exclude-tables {} leaves no table to move; narrow the patterns",
-            exclude.join(",")
-        )));
-    }
-    if !patterns.is_empty() && tables.is_empty() {
-        return Err(fatal(format!(
-            "no source table matches --tables {}{}; list tables with psql's \\dt and fix the pattern",
-            patterns.join(","),
-            if exclude.is_empty() {
-                String::new()
-            } else {
-                format!(" outside --exclude-tables {}", exclude.join(","))
-            }
-        )));
+    if tables.is_empty() && filter != &TableFilter::default() {
+        return Err(fatal(if filter.whole_database() {
+            format!(
+                "{} leaves no table to move; narrow the patterns",
+                filter.flags()
+            )
+        } else {
+            format!(
+                "no source table matches {}; list tables with psql's \\dt *.* and fix the pattern",
+                filter.flags()
+            )
+        }));
     }
 
     // Columns: generated columns are computed by the target, so they are not copied.
@@ -304,20 +316,36 @@ pub async fn check_lock_capacity(client: &Client) -> anyhow::Result<()> {
 
 /// Every sequence's current value, read from the sequence itself: `pg_sequences` shows NULL
 /// for a sequence whose `is_called` is false, which would lose a `setval(.., false)`.
-pub async fn sequences(client: &Client) -> anyhow::Result<Vec<haul_proto::SequenceValue>> {
+pub async fn sequences(
+    client: &Client,
+    filter: &TableFilter,
+) -> anyhow::Result<Vec<haul_proto::SequenceValue>> {
     let rows = client
         .query(
             &format!(
-                "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+                "SELECT n.nspname::text, c.relname::text, tn.nspname::text, t.relname::text FROM pg_class c \
                  JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 LEFT JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid \
+                      AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') \
+                 LEFT JOIN pg_class t ON t.oid = d.refobjid \
+                 LEFT JOIN pg_namespace tn ON tn.oid = t.relnamespace \
                  WHERE c.relkind = 'S' AND {SKIP_SCHEMAS} AND {NOT_EXTENSION} ORDER BY 1, 2"
             ),
             &[],
         )
         .await
         .context("list source sequences")?;
+    // The sequences that move: a table's own with its table, the others as pg_dump's switches
+    // take them (its --table matches sequences by name too).
     let names: Vec<TableName> = rows
         .iter()
+        .filter(|r| {
+            let seq = TableName::new(r.get::<_, String>(0), r.get::<_, String>(1));
+            match (r.get::<_, Option<String>>(2), r.get::<_, Option<String>>(3)) {
+                (Some(s), Some(t)) => filter.admits(&TableName::new(s, t)),
+                _ => filter.admits(&seq),
+            }
+        })
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
     haul_core::sequence::values(client, &names)
@@ -326,7 +354,10 @@ pub async fn sequences(client: &Client) -> anyhow::Result<Vec<haul_proto::Sequen
 }
 
 /// Materialized views that are populated on the source, to be refreshed on the target.
-pub async fn populated_matviews(client: &Client) -> anyhow::Result<Vec<TableName>> {
+pub async fn populated_matviews(
+    client: &Client,
+    filter: &TableFilter,
+) -> anyhow::Result<Vec<TableName>> {
     let rows = client
         .query(
             "SELECT schemaname::text, matviewname::text FROM pg_matviews \
@@ -338,6 +369,7 @@ pub async fn populated_matviews(client: &Client) -> anyhow::Result<Vec<TableName
     Ok(rows
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|v| filter.admits(v))
         .collect())
 }
 

@@ -238,7 +238,9 @@ pub async fn run_task(shared: &Arc<Shared>, task: pb::VerifyTask) -> anyhow::Res
         let mut sequences = 0;
         if task.sequences {
             let client = source.connect("haul-verify").await?;
-            let values = crate::catalog::sequences(&client).await?;
+            let values =
+                crate::catalog::sequences(&client, &haul_core::ident::TableFilter::default())
+                    .await?;
             let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
             let there = receiver
                 .read_sequences(pb::ReadSequencesRequest {

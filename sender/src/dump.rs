@@ -45,6 +45,10 @@ pub struct SchemaUpload<'a> {
     pub only: Vec<String>,
     /// `--exclude-table` patterns (`--exclude-tables`): each one table, exactly.
     pub except: Vec<String>,
+    /// `--schema` and `--exclude-schema` patterns (`--schemas`, `--exclude-schemas`): each one
+    /// schema, exactly.
+    pub schemas: Vec<String>,
+    pub except_schemas: Vec<String>,
 }
 
 /// Dump `section` and send it; returns the receiver's count of applied or stored objects.
@@ -146,6 +150,12 @@ async fn produce(
     }
     for t in &up.except {
         cmd.arg(format!("--exclude-table={t}"));
+    }
+    for s in &up.schemas {
+        cmd.arg(format!("--schema={s}"));
+    }
+    for s in &up.except_schemas {
+        cmd.arg(format!("--exclude-schema={s}"));
     }
     let mut child = cmd
         .spawn()

@@ -43,12 +43,12 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
         .with_context(|| format!("this sender no longer holds the snapshot of job {job_id}"))?;
     let client = &holder.client;
 
-    let sequences = catalog::sequences(client).await?;
-    let matviews = catalog::populated_matviews(client).await?;
-    let mut tables =
-        catalog::measure_tables(client, &options.tables, &options.exclude_tables, 0).await?;
+    let filter = haul_core::ident::TableFilter::of(&options);
+    let sequences = catalog::sequences(client, &filter).await?;
+    let matviews = catalog::populated_matviews(client, &filter).await?;
+    let mut tables = catalog::measure_tables(client, &filter, 0).await?;
     // Large objects are verified as one more "table": their count and contents.
-    if options.tables.is_empty() {
+    if filter.whole_database() {
         tables.extend(catalog::measure_large_objects(client, 0).await?);
     }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use haul_core::ident::TableFilter;
 use haul_core::status::from_status;
 use haul_proto as pb;
 
@@ -22,16 +23,11 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     if options.create_schema {
         catalog::check_lock_capacity(&holder.client).await?;
     }
-    let mut tables = catalog::measure_tables(
-        &holder.client,
-        &options.tables,
-        &options.exclude_tables,
-        options.chunk_bytes,
-    )
-    .await?;
+    let filter = TableFilter::of(&options);
+    let mut tables = catalog::measure_tables(&holder.client, &filter, options.chunk_bytes).await?;
     // Large objects belong to the database, not to a table: they move with a whole-database
     // job, as pg_dump carries them only then.
-    let large_objects = if options.tables.is_empty() {
+    let large_objects = if filter.whole_database() {
         catalog::measure_large_objects(&holder.client, options.chunk_bytes).await?
     } else {
         None
@@ -58,11 +54,22 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
         .await
         .context("read source server version")?
         .get(0);
+    // Named tables go to pg_dump one by one (it then ignores schema switches, so the list is
+    // already cut by them); named schemas go whole, their functions and types with them.
     let only: Vec<String> = if options.tables.is_empty() {
         vec![]
     } else {
         with_partition_ancestors(&holder.client, &tables).await?
     };
+    let schemas = catalog::schemas_matching(&holder.client, &options.schemas).await?;
+    let except_schemas =
+        catalog::schemas_matching(&holder.client, &options.exclude_schemas).await?;
+    if !options.schemas.is_empty() && schemas.is_empty() {
+        return Err(haul_core::status::fatal(format!(
+            "no source schema matches --schemas {}; list schemas with psql's \\dn and fix the pattern",
+            options.schemas.join(",")
+        )));
+    }
     let except = catalog::tables_matching(&holder.client, &options.exclude_tables)
         .await?
         .iter()
@@ -88,6 +95,8 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
         pg_dump: shared.config.pg_dump.clone(),
         only,
         except,
+        schemas: schemas.iter().map(|s| dump_pattern(s)).collect(),
+        except_schemas: except_schemas.iter().map(|s| dump_pattern(s)).collect(),
     };
     // Post-data is only stored by the receiver, so it is dumped while pre-data is applied.
     let pre = dump::send_section(&shared.peers, &upload, pb::SchemaSection::SectionPre);

@@ -67,6 +67,65 @@ pub fn matches_pattern(pattern: &str, table: &TableName) -> bool {
     }
 }
 
+/// Does a schema's name match a glob pattern (`*`, `?`)?
+pub fn schema_matches(pattern: &str, schema: &str) -> bool {
+    glob(pattern.as_bytes(), schema.as_bytes())
+}
+
+/// Which tables a job moves: globs to include and to leave out, on tables (`schema.table` or
+/// `table`) and on schemas. A table moves when it matches an include of each kind given and no
+/// exclude.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableFilter {
+    pub tables: Vec<String>,
+    pub exclude_tables: Vec<String>,
+    pub schemas: Vec<String>,
+    pub exclude_schemas: Vec<String>,
+}
+
+impl TableFilter {
+    pub fn of(o: &pb::JobOptions) -> TableFilter {
+        TableFilter {
+            tables: o.tables.clone(),
+            exclude_tables: o.exclude_tables.clone(),
+            schemas: o.schemas.clone(),
+            exclude_schemas: o.exclude_schemas.clone(),
+        }
+    }
+
+    pub fn admits(&self, t: &TableName) -> bool {
+        (self.tables.is_empty() || self.tables.iter().any(|p| matches_pattern(p, t)))
+            && (self.schemas.is_empty()
+                || self.schemas.iter().any(|p| schema_matches(p, &t.schema)))
+            && !self.exclude_tables.iter().any(|p| matches_pattern(p, t))
+            && !self
+                .exclude_schemas
+                .iter()
+                .any(|p| schema_matches(p, &t.schema))
+    }
+
+    /// Nothing is named to include: the whole database moves (less what is excluded), large
+    /// objects with it, as pg_dump carries them only then.
+    pub fn whole_database(&self) -> bool {
+        self.tables.is_empty() && self.schemas.is_empty()
+    }
+
+    /// The flags as the operator wrote them, for messages: `--tables a,b --exclude-schemas c`.
+    pub fn flags(&self) -> String {
+        [
+            ("--tables", &self.tables),
+            ("--schemas", &self.schemas),
+            ("--exclude-tables", &self.exclude_tables),
+            ("--exclude-schemas", &self.exclude_schemas),
+        ]
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(f, v)| format!("{f} {}", v.join(",")))
+        .collect::<Vec<_>>()
+        .join(" ")
+    }
+}
+
 fn glob(p: &[u8], s: &[u8]) -> bool {
     // Iterative glob with single-star backtracking: linear in practice, no recursion.
     let (mut pi, mut si) = (0, 0);
@@ -96,6 +155,32 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_moves_when_every_kind_of_include_takes_it_and_no_exclude_does() {
+        let t = |s: &str, n: &str| TableName::new(s, n);
+        let f = TableFilter {
+            schemas: vec!["sales*".into()],
+            exclude_tables: vec!["*_old".into()],
+            ..Default::default()
+        };
+        assert!(f.admits(&t("sales", "orders")));
+        assert!(f.admits(&t("sales_eu", "orders")));
+        assert!(!f.admits(&t("hr", "orders")));
+        assert!(!f.admits(&t("sales", "orders_old")));
+        assert!(!f.whole_database());
+        let g = TableFilter {
+            tables: vec!["orders".into()],
+            exclude_schemas: vec!["hr".into()],
+            ..Default::default()
+        };
+        assert!(g.admits(&t("sales", "orders")));
+        assert!(!g.admits(&t("hr", "orders")));
+        assert!(!g.admits(&t("sales", "items")));
+        assert_eq!(g.flags(), "--tables orders --exclude-schemas hr");
+        assert!(TableFilter::default().whole_database());
+        assert!(TableFilter::default().admits(&t("any", "thing")));
+    }
 
     #[test]
     fn quotes_awkward_names() {
