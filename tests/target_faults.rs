@@ -28,6 +28,15 @@ fn target_restart_is_retried_from_the_spool() -> anyhow::Result<()> {
         receiver.contains("retrying from spool") || receiver.contains("restored from the spool"),
         "no restore was retried:\n{receiver}"
     );
+    // Each such line names the job, the chunk, its table and the agent.
+    for line in receiver
+        .lines()
+        .filter(|l| l.contains("retrying from spool") || l.contains("restored from the spool"))
+    {
+        for field in ["job=", "chunk=", "table=", "agent="] {
+            assert!(line.contains(field), "{field} missing: {line}");
+        }
+    }
     let sender = m.sender.log_text();
     assert!(
         !sender.contains("failed to copy chunk"),

@@ -1177,7 +1177,14 @@ impl Coordinator for CoordinatorService {
                 job.fail(msg);
             }
         }
-        tracing::warn!(job = %r.job_id, chunk = r.chunk_id, fatal = r.fatal, "sender reported: {}", r.message);
+        let table = job
+            .chunks
+            .iter()
+            .find(|c| c.id == r.chunk_id)
+            .and_then(|c| job.tables.get(c.table))
+            .map(|t| t.table.to_string())
+            .unwrap_or_default();
+        tracing::warn!(job = %r.job_id, chunk = r.chunk_id, %table, agent = %reporter, fatal = r.fatal, "sender reported: {}", r.message);
         let record = job.record.clone();
         drop(st);
         if !changed_chunks.is_empty() {

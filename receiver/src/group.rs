@@ -136,7 +136,13 @@ impl ReceiverService {
         };
         // A group that cannot commit is sent again whole: its spool goes whatever the reason.
         let outcomes = match self
-            .retry_from_spool("group", group_id, &stop, |c| apply(c, &r))
+            .retry_from_spool(
+                job_id,
+                &format!("a group of {} small tables", r.members.len()),
+                group_id,
+                &stop,
+                |c| apply(c, &r),
+            )
             .await
         {
             Ok(o) => o,

@@ -112,6 +112,11 @@ impl Live {
     }
 
     /// Load one verified-so-far block.
+    /// The table it loads, for messages.
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
     pub async fn send(&mut self, raw: Bytes) -> anyhow::Result<()> {
         self.sink.send(raw).await.map_err(|e| {
             anyhow::anyhow!(

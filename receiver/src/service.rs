@@ -475,7 +475,7 @@ impl ReceiverService {
             match opened {
                 Ok(l) => live = l,
                 Err(e) => tracing::info!(
-                    chunk = chunk_id, %table,
+                    job = %job_id, chunk = chunk_id, %table, agent = %self.inner.config.name,
                     "cannot load the chunk while it arrives; it is restored from the spool: {e:#}"
                 ),
             }
@@ -526,7 +526,7 @@ impl ReceiverService {
             match l.commit(&r).await {
                 Ok(a) => committed = Some(a),
                 Err(e) => tracing::warn!(
-                    chunk = chunk_id, %table,
+                    job = %job_id, chunk = chunk_id, %table, agent = %self.inner.config.name,
                     "loading the chunk while it arrived failed; it is restored from the spool: {e:#}"
                 ),
             }
@@ -535,7 +535,8 @@ impl ReceiverService {
         let restored = match committed {
             Some(a) => Ok(a),
             None => {
-                self.retry_from_spool("chunk", chunk_id, &stop, |c| restore::apply(c, &r))
+                let what = table.to_string();
+                self.retry_from_spool(job_id, &what, chunk_id, &stop, |c| restore::apply(c, &r))
                     .await
             }
         };
@@ -762,7 +763,10 @@ impl ReceiverService {
                         let sent = l.send(bytes::Bytes::from(raw)).await;
                         if let Err(e) = sent {
                             tracing::warn!(
+                                job = %job_id,
                                 chunk = chunk_id,
+                                table = %l.table(),
+                                agent = %self.inner.config.name,
                                 "loading the chunk while it arrives failed; it is restored from the spool once complete: {e:#}"
                             );
                             if let Some(l) = live.take() {
@@ -1041,10 +1045,11 @@ pub(crate) enum Unrestored {
 
 impl ReceiverService {
     /// Run `restore` on a pooled target connection until it commits, retrying a target hiccup
-    /// from the spool with backoff (never by asking the sender for the bytes again). `what`
-    /// and `id` name the chunk or group in the log.
+    /// from the spool with backoff (never by asking the sender for the bytes again). `job`,
+    /// `id` and `what` (its table, or a group's size) name the chunk or group in the log.
     pub(crate) async fn retry_from_spool<T, F, Fut>(
         &self,
+        job: &str,
         what: &str,
         id: u64,
         stop: &CancellationToken,
@@ -1078,7 +1083,7 @@ impl ReceiverService {
             {
                 return Err(Unrestored::Hopeless(e));
             }
-            tracing::warn!(%what, id, attempt, "failed to restore, retrying from spool: {e:#}");
+            tracing::warn!(job, chunk = id, table = %what, agent = %self.inner.config.name, attempt, "failed to restore, retrying from spool: {e:#}");
             tokio::select! {
                 _ = stop.cancelled() => return Err(Unrestored::Stopped(partial_stopped(id))),
                 _ = tokio::time::sleep(restore_backoff(attempt)) => {}

@@ -259,7 +259,7 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 let job = p.job_id.clone();
                 if let Err(e) = plan::run(&shared, p).await {
                     shared.release_snapshot(&job).await;
-                    report_failure(&shared, "plan", &job, 0, 0, e).await;
+                    report_failure(&shared, "plan", &job, (0, 0, ""), e).await;
                 }
             }
             Some(pb::sender_task::Task::Chunk(lease)) => {
@@ -335,12 +335,15 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                     Err(e) => {
                         // The reader's transaction may be unusable now; open a fresh one next time.
                         reader = None;
+                        let table = lease.table.as_ref().map_or_else(
+                            || format!("a group of {} small tables", lease.members.len()),
+                            |t| format!("{}.{}", t.schema, t.name),
+                        );
                         report_failure(
                             &shared,
                             "copy chunk",
                             &lease.job_id,
-                            lease.chunk_id,
-                            lease.epoch,
+                            (lease.chunk_id, lease.epoch, &table),
                             e,
                         )
                         .await;
@@ -350,20 +353,20 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
             Some(pb::sender_task::Task::Snapshot(t)) => {
                 let job = t.job_id.clone();
                 if let Err(e) = plan::resnapshot(&shared, t).await {
-                    report_failure(&shared, "export a new snapshot for", &job, 0, 0, e).await;
+                    report_failure(&shared, "export a new snapshot for", &job, (0, 0, ""), e).await;
                 }
             }
             Some(pb::sender_task::Task::Finalize(f)) => {
                 let job = f.job_id.clone();
                 match finalize::run(&shared, f).await {
                     Ok(()) => shared.staging.remove_job(&job).await,
-                    Err(e) => report_failure(&shared, "finalize", &job, 0, 0, e).await,
+                    Err(e) => report_failure(&shared, "finalize", &job, (0, 0, ""), e).await,
                 }
             }
             Some(pb::sender_task::Task::Cleanup(c)) => {
                 let job = c.job_id.clone();
                 if let Err(e) = finalize::cleanup(&shared, c).await {
-                    report_failure(&shared, "clean up after", &job, 0, 0, e).await;
+                    report_failure(&shared, "clean up after", &job, (0, 0, ""), e).await;
                 }
             }
             Some(pb::sender_task::Task::Verify(v)) => {
@@ -404,16 +407,16 @@ async fn report_failure(
     shared: &Shared,
     what: &str,
     job_id: &str,
-    chunk_id: u64,
-    epoch: u64,
+    (chunk_id, epoch, table): (u64, u64, &str),
     e: anyhow::Error,
 ) {
     let fatal = fatal_message(&e);
     let message = fatal.clone().unwrap_or_else(|| format!("{e:#}"));
+    let agent = shared.config.name.as_str();
     if chunk_id == 0 {
-        tracing::warn!("failed to {what} {job_id}: {message}");
+        tracing::warn!(job = %job_id, agent, "failed to {what} {job_id}: {message}");
     } else {
-        tracing::warn!("failed to {what} {chunk_id} of {job_id}: {message}");
+        tracing::warn!(job = %job_id, chunk = chunk_id, table, agent, "failed to {what} {chunk_id} ({table}) of {job_id}: {message}");
     }
     let lost_snapshot = e
         .chain()
