@@ -902,58 +902,148 @@ impl ReceiverService {
         meta: haul_core::large_object::Metadata,
         parallel: usize,
     ) -> anyhow::Result<(Vec<pb::TableDigest>, Vec<String>)> {
-        let queue = Arc::new(tokio::sync::Mutex::new(expect.to_vec()));
+        if expect.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut tables = Vec::with_capacity(expect.len());
+        for e in expect {
+            let table = table_from_wire(e.table.as_ref())?;
+            let columns: Vec<Column> = e
+                .columns
+                .iter()
+                .map(Column::from_wire)
+                .collect::<anyhow::Result<_>>()?;
+            tables.push((table, columns));
+        }
+        // A big table is read in page ranges on several connections at once (its digest is
+        // the sum of theirs), so one table does not leave the other connections idle at the
+        // end; the biggest pieces go first.
+        let pages = self.target_pages(&tables).await;
+        let mut pieces: Vec<(usize, haul_core::chunk::Range, i64)> = Vec::new();
+        for (i, n) in pages.iter().enumerate() {
+            match n {
+                Some(n) if *n > READ_BACK_PIECE_PAGES => {
+                    let mut lo = 0;
+                    while lo < *n {
+                        let hi = lo + READ_BACK_PIECE_PAGES;
+                        // The last piece is open-ended: nothing past the pages measured is lost.
+                        let range = haul_core::chunk::Range::Pages {
+                            lo,
+                            hi: (hi < *n).then_some(hi),
+                        };
+                        pieces.push((i, range, READ_BACK_PIECE_PAGES.min(n - lo)));
+                        lo = hi;
+                    }
+                }
+                n => pieces.push((i, haul_core::chunk::Range::Whole, n.unwrap_or(0))),
+            }
+        }
+        pieces.sort_by_key(|(i, _, size)| {
+            (
+                std::cmp::Reverse(pages[*i].unwrap_or(0)),
+                *i,
+                std::cmp::Reverse(*size),
+            )
+        });
+        pieces.reverse(); // popped from the end
+        let tables = Arc::new(tables);
+        let queue = Arc::new(tokio::sync::Mutex::new(pieces));
         let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..parallel.max(1).min(expect.len()) {
-            let (queue, svc) = (queue.clone(), self.clone());
+        let n_pieces = queue.lock().await.len();
+        for _ in 0..parallel.max(1).min(n_pieces) {
+            let (queue, svc, tables) = (queue.clone(), self.clone(), tables.clone());
             workers.spawn(async move {
-                let (mut out, mut found) = (Vec::new(), Vec::new());
+                let mut out = Vec::new();
                 loop {
                     let next = queue.lock().await.pop();
-                    let Some(e) = next else {
-                        return anyhow::Ok((out, found));
+                    let Some((i, range, _)) = next else {
+                        return anyhow::Ok(out);
                     };
-                    let table = table_from_wire(e.table.as_ref())?;
-                    let columns: Vec<Column> = e
-                        .columns
-                        .iter()
-                        .map(Column::from_wire)
-                        .collect::<anyhow::Result<_>>()?;
-                    let whole = haul_core::chunk::Range::Whole;
-                    let (rows, digest) = match svc.read_back(&table, &columns, &whole, meta).await {
-                        Ok(d) => {
-                            let expected = RowDigest::from_bytes(e.rows, &e.row_digest).ok();
-                            if expected.is_some_and(|x| x != d) {
-                                found.extend(
-                                    svc.drill_down(&table, &columns, &e.chunks, meta).await,
-                                );
-                            }
-                            (
-                                d.rows as i64,
-                                d.to_bytes().iter().map(|x| format!("{x:02x}")).collect(),
-                            )
-                        }
-                        Err(err) => {
-                            tracing::warn!(%table, "failed to digest table on target: {err:#}");
-                            (-1, "unreadable".to_string())
-                        }
-                    };
-                    out.push(pb::TableDigest {
-                        table: Some(table.to_wire()),
-                        rows,
-                        digest,
-                    });
+                    let (table, columns) = &tables[i];
+                    let got = svc.read_back(table, columns, &range, meta).await;
+                    out.push((i, got));
                 }
             });
         }
-        let (mut out, mut found) = (Vec::with_capacity(expect.len()), Vec::new());
+        let mut sums: Vec<Option<anyhow::Result<RowDigest>>> =
+            (0..tables.len()).map(|_| None).collect();
         while let Some(r) = workers.join_next().await {
-            let (digests, mismatches) = r.context("table digest worker")??;
-            out.extend(digests);
-            found.extend(mismatches);
+            for (i, got) in r.context("table digest worker")?? {
+                let slot = &mut sums[i];
+                *slot = Some(match (slot.take(), got) {
+                    (None, got) => got,
+                    (Some(Ok(mut sum)), Ok(d)) => {
+                        sum.combine(&d);
+                        Ok(sum)
+                    }
+                    (Some(Err(e)), _) | (Some(Ok(_)), Err(e)) => Err(e),
+                });
+            }
+        }
+        let (mut out, mut found) = (Vec::with_capacity(expect.len()), Vec::new());
+        for ((e, (table, columns)), sum) in expect.iter().zip(tables.iter()).zip(sums) {
+            let sum = sum.unwrap_or_else(|| Err(anyhow::anyhow!("no piece of it was read")));
+            let (rows, digest) = match sum {
+                Ok(d) => {
+                    let expected = RowDigest::from_bytes(e.rows, &e.row_digest).ok();
+                    if expected.is_some_and(|x| x != d) {
+                        found.extend(self.drill_down(table, columns, &e.chunks, meta).await);
+                    }
+                    (
+                        d.rows as i64,
+                        d.to_bytes().iter().map(|x| format!("{x:02x}")).collect(),
+                    )
+                }
+                Err(err) => {
+                    tracing::warn!(%table, "failed to digest table on target: {err:#}");
+                    (-1, "unreadable".to_string())
+                }
+            };
+            out.push(pb::TableDigest {
+                table: Some(table.to_wire()),
+                rows,
+                digest,
+            });
         }
         found.sort();
         Ok((out, found))
+    }
+
+    /// Each table's size in pages on the target, where its server can read a page range
+    /// without scanning the rest (a TID range scan, PostgreSQL 14 and newer); `None` for a
+    /// table read whole (large objects, older servers, a table the catalog cannot size).
+    async fn target_pages(&self, tables: &[(TableName, Vec<Column>)]) -> Vec<Option<i64>> {
+        let sized = async {
+            let client = self.inner.pool.get().await?;
+            let version: i32 = client
+                .query_one("SELECT current_setting('server_version_num')::int4", &[])
+                .await?
+                .get(0);
+            if version < 140000 {
+                return anyhow::Ok(vec![None; tables.len()]);
+            }
+            let names: Vec<String> = tables.iter().map(|(t, _)| t.quoted()).collect();
+            let rows = client
+                .query(
+                    "SELECT CASE WHEN to_regclass(t) IS NULL THEN NULL \
+                     ELSE pg_relation_size(to_regclass(t)) / current_setting('block_size')::int8 END \
+                     FROM unnest($1::text[]) WITH ORDINALITY AS u(t, i) ORDER BY i",
+                    &[&names],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .zip(tables)
+                .map(|(r, (t, _))| {
+                    r.get::<_, Option<i64>>(0)
+                        .filter(|_| !haul_core::large_object::is_large_objects(t))
+                })
+                .collect())
+        };
+        sized.await.unwrap_or_else(|e: anyhow::Error| {
+            tracing::debug!("cannot size the tables on the target; each is read whole: {e:#}");
+            vec![None; tables.len()]
+        })
     }
 
     /// A table that differs as a whole, read back chunk by chunk (key ranges) to name the
@@ -1031,6 +1121,9 @@ impl ReceiverService {
         })
     }
 }
+
+/// A table bigger than this many pages (64 MB) is read back at the end in pieces this big.
+const READ_BACK_PIECE_PAGES: i64 = 8192;
 
 /// Why a restore from the spool ended without a commit.
 pub(crate) enum Unrestored {
