@@ -919,19 +919,20 @@ impl ReceiverService {
         // the sum of theirs), so one table does not leave the other connections idle at the
         // end; the biggest pieces go first.
         let pages = self.target_pages(&tables).await;
+        let piece = read_back_piece_pages();
         let mut pieces: Vec<(usize, haul_core::chunk::Range, i64)> = Vec::new();
         for (i, n) in pages.iter().enumerate() {
             match n {
-                Some(n) if *n > READ_BACK_PIECE_PAGES => {
+                Some(n) if *n > piece => {
                     let mut lo = 0;
                     while lo < *n {
-                        let hi = lo + READ_BACK_PIECE_PAGES;
+                        let hi = lo + piece;
                         // The last piece is open-ended: nothing past the pages measured is lost.
                         let range = haul_core::chunk::Range::Pages {
                             lo,
                             hi: (hi < *n).then_some(hi),
                         };
-                        pieces.push((i, range, READ_BACK_PIECE_PAGES.min(n - lo)));
+                        pieces.push((i, range, piece.min(n - lo)));
                         lo = hi;
                     }
                 }
@@ -950,6 +951,11 @@ impl ReceiverService {
         let queue = Arc::new(tokio::sync::Mutex::new(pieces));
         let mut workers = tokio::task::JoinSet::new();
         let n_pieces = queue.lock().await.len();
+        tracing::info!(
+            tables = tables.len(),
+            pieces = n_pieces,
+            "reading tables back whole on the target"
+        );
         for _ in 0..parallel.max(1).min(n_pieces) {
             let (queue, svc, tables) = (queue.clone(), self.clone(), tables.clone());
             workers.spawn(async move {
@@ -1122,8 +1128,15 @@ impl ReceiverService {
     }
 }
 
-/// A table bigger than this many pages (64 MB) is read back at the end in pieces this big.
-const READ_BACK_PIECE_PAGES: i64 = 8192;
+/// A table bigger than this many pages (64 MB) is read back at the end in pieces this big;
+/// `HAUL_READBACK_PIECE_PAGES` sets another size (tests use it to split small tables).
+fn read_back_piece_pages() -> i64 {
+    std::env::var("HAUL_READBACK_PIECE_PAGES")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(8192)
+}
 
 /// Why a restore from the spool ended without a commit.
 pub(crate) enum Unrestored {
