@@ -20,6 +20,7 @@ mod finalize;
 mod group;
 mod peers;
 mod plan;
+pub mod replication;
 mod snapshot;
 mod staging;
 mod transfer;

@@ -14,6 +14,7 @@ pub mod frames;
 pub mod ident;
 pub mod large_object;
 pub mod pg;
+pub mod pgoutput;
 pub mod row_digest;
 pub mod schedule;
 pub mod schema_script;

@@ -82,6 +82,11 @@ impl DbUrl {
         self.side
     }
 
+    /// The parsed connection settings (for sessions tokio-postgres cannot open, replication).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn dbname(&self) -> &str {
         self.config.get_dbname().unwrap_or("")
     }
