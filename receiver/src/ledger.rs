@@ -32,7 +32,11 @@ pub const CREATE: &str = "CREATE SCHEMA IF NOT EXISTS haul; \
         what text NOT NULL, \
         statements text[] NOT NULL, \
         recorded_at timestamptz NOT NULL DEFAULT now(), \
-        PRIMARY KEY (job_id, stage))";
+        PRIMARY KEY (job_id, stage)); \
+    CREATE TABLE IF NOT EXISTS haul.follow_position ( \
+        job_id text PRIMARY KEY, \
+        lsn pg_lsn NOT NULL, \
+        applied_at timestamptz NOT NULL DEFAULT now())";
 
 /// The row that says one finalize step of a job is in (a post-data entry, say), written in the
 /// transaction that applies it: a finalize run again after a crash skips what is recorded.
@@ -88,7 +92,8 @@ pub async fn other_job(
              FROM (SELECT job_id FROM haul.ledger WHERE job_id <> $1 \
                    UNION SELECT job_id FROM haul.schema_applied WHERE job_id <> $1 \
                    UNION SELECT job_id FROM haul.finalize_applied WHERE job_id <> $1 \
-                   UNION SELECT job_id FROM haul.undo WHERE job_id <> $1) j \
+                   UNION SELECT job_id FROM haul.undo WHERE job_id <> $1 \
+                   UNION SELECT job_id FROM haul.follow_position WHERE job_id <> $1) j \
              ORDER BY 1 LIMIT 1",
             &[&job_id],
         )
@@ -115,9 +120,11 @@ pub async fn drop_job(client: &Client, job_id: &str) -> anyhow::Result<bool> {
          DELETE FROM haul.schema_applied WHERE job_id = {id}; \
          DELETE FROM haul.finalize_applied WHERE job_id = {id}; \
          DELETE FROM haul.undo WHERE job_id = {id}; \
+         DELETE FROM haul.follow_position WHERE job_id = {id}; \
          DO $$ BEGIN \
            IF NOT EXISTS (SELECT 1 FROM haul.ledger) AND NOT EXISTS (SELECT 1 FROM haul.schema_applied) \
-              AND NOT EXISTS (SELECT 1 FROM haul.finalize_applied) AND NOT EXISTS (SELECT 1 FROM haul.undo) THEN \
+              AND NOT EXISTS (SELECT 1 FROM haul.finalize_applied) AND NOT EXISTS (SELECT 1 FROM haul.undo) \
+              AND NOT EXISTS (SELECT 1 FROM haul.follow_position) THEN \
              DROP SCHEMA haul CASCADE; \
            END IF; END $$; \
          COMMIT",

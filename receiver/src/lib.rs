@@ -5,8 +5,9 @@
 //!
 //! Invariant: nothing reaches the target before its digest matched the sender's.
 
+pub mod follow;
 mod group;
-mod ledger;
+pub mod ledger;
 mod partial;
 mod pool;
 mod restore;
