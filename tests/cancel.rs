@@ -249,3 +249,60 @@ fn a_coordinator_restart_during_the_undo_still_ends_cancelled() -> anyhow::Resul
     as_found(&m, "pristine")?;
     Ok(())
 }
+
+/// The receiver killed in the middle of the undo, then the sender killed after it, before its
+/// report: each comes back, the undo is handed out again, and the job ends cancelled with the
+/// target as it was.
+#[test]
+fn a_receiver_and_a_sender_killed_during_the_undo_still_end_cancelled() -> anyhow::Result<()> {
+    let mut m = moves::start(Setup {
+        bulk_mb: 16,
+        bwlimit: Some("4MB"),
+        failpoints: Some("die-in-cleanup,die-before-cleanup-report"),
+        ..Default::default()
+    })?;
+    m.target.create_database("pristine")?;
+    copying_with(&m, 3)?;
+    let out = cancel(&m, &["--no-wait"]);
+    assert!(out.status.success(), "{}", failure_line(&out));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (point, receiver) in [
+        ("die-in-cleanup", true),
+        ("die-before-cleanup-report", false),
+    ] {
+        loop {
+            let agent = if receiver {
+                &mut m.receiver
+            } else {
+                &mut m.sender
+            };
+            if agent.exited() {
+                let log = agent.log_text();
+                anyhow::ensure!(
+                    log.contains(&format!("failpoint {point} fired")),
+                    "died elsewhere than at {point}:\n{log}"
+                );
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{point} never fired");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if receiver {
+            m.receiver.restart()?;
+        } else {
+            m.sender.restart()?;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let s = loop {
+        let s = m.status().unwrap_or_default();
+        if s["phase"] == "cancelled" {
+            break s;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never cancelled: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(s["left"].as_array().is_some_and(|l| l.is_empty()), "{s}");
+    as_found(&m, "pristine")?;
+    Ok(())
+}
