@@ -147,7 +147,10 @@ impl Replication {
         loop {
             let (tag, mut body) = r.message().await?;
             match tag {
-                b'R' => match body.get_i32() {
+                b'R' => match body
+                    .try_get_i32()
+                    .context("the source sent a short authentication message")?
+                {
                     0 => {}
                     3 => {
                         frontend::password_message(&need_password()?, &mut r.write)?;
@@ -155,7 +158,8 @@ impl Replication {
                     }
                     5 => {
                         let mut salt = [0u8; 4];
-                        body.copy_to_slice(&mut salt);
+                        body.try_copy_to_slice(&mut salt)
+                            .context("the source sent a short md5 salt")?;
                         let hash = postgres_protocol::authentication::md5_hash(
                             user.as_bytes(),
                             &need_password()?,
@@ -251,10 +255,15 @@ impl Replication {
             let (tag, mut body) = self.message().await?;
             match tag {
                 b'D' => {
-                    let n = body.get_u16() as usize;
+                    let n = body
+                        .try_get_u16()
+                        .context("the source sent a short data row")?
+                        as usize;
                     let mut row = Vec::with_capacity(n);
                     for _ in 0..n {
-                        let len = body.get_i32();
+                        let len = body
+                            .try_get_i32()
+                            .context("the source sent a short data row")?;
                         if len < 0 {
                             row.push(None);
                         } else {
@@ -403,6 +412,34 @@ impl Replication {
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers the startup with a truncated authentication message: an error,
+    /// not a panic.
+    #[tokio::test]
+    async fn a_short_message_from_the_server_is_an_error() -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut startup = [0u8; 256];
+                let _ = s.read(&mut startup).await;
+                let _ = s.write_all(b"R\0\0\0\x04").await;
+                let _ = s.read(&mut startup).await;
+            }
+        });
+        let url = haul_core::pg::DbUrl::parse(
+            &format!("postgres://u:p@127.0.0.1:{port}/db"),
+            haul_core::pg::Side::Source,
+        )?;
+        let err = match super::Replication::connect(&url, "test").await {
+            Ok(_) => anyhow::bail!("a truncated message was taken"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("short authentication message"), "{err}");
+        Ok(())
+    }
+
     #[test]
     fn error_fields_read_as_one_line() {
         let body = b"SERROR\0C42704\0Mreplication slot \"x\" does not exist\0\0";
