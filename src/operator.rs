@@ -475,7 +475,7 @@ pub fn print_summary(s: &pb::JobStatusReply) {
                 String::new()
             };
             println!(
-                "verified   {} tables{objects}: counts and digests equal on source and target ({} of {} chunks compared as they were applied, the rest table by table at the end); {} sequences set",
+                "verified   {} tables{objects}: counts and digests equal on source and target ({} of {} chunks compared during the move, the rest table by table at the end); {} sequences set",
                 s.tables_checked, s.chunks_checked, s.chunks, s.sequences
             );
         } else {

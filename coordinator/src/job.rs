@@ -277,9 +277,9 @@ pub struct Chunk {
     pub row_digest: Vec<u8>,
     #[serde(default)]
     pub digest_rows: u64,
-    /// Since when the receiver has been reading the chunk back (0: not pending). Finalize waits
-    /// for pending checks, for at most [`CHECK_WAIT_MS`]; one never reported counts as not
-    /// compared, and its table is compared whole.
+    /// Since when the receiver has been reading the chunk back (0: not pending). Finalize does
+    /// not wait for it: a table with a chunk not compared yet is compared whole at finalize,
+    /// where the receiver uses its read still running instead of reading the table again.
     #[serde(default)]
     pub check_pending_since_ms: u64,
     /// The receiver's read-back result came (it may come before the sender's report).
@@ -297,9 +297,6 @@ pub struct Chunk {
 /// A table to digest whole at the end: its index, the sum of its chunks' digests, and its
 /// chunks (to read one by one if the table differs).
 pub type Expected<'a> = (usize, RowDigest, Vec<&'a Chunk>);
-
-/// How long finalize waits for a read-back the receiver has not reported (it restarted, say).
-pub const CHECK_WAIT_MS: u64 = 120_000;
 
 /// Failed finalize or cleanup attempts before the job fails: with [`backoff_ms`] that is about
 /// five minutes of a receiver being away.
@@ -673,14 +670,6 @@ impl Job {
             }
         }
         (expect, both)
-    }
-
-    /// Whether every read-back the receiver owes has been reported, or waited for long enough.
-    pub fn checks_settled(&self, now: u64) -> bool {
-        !self.chunks.iter().any(|c| {
-            c.check_pending_since_ms > 0
-                && now.saturating_sub(c.check_pending_since_ms) < CHECK_WAIT_MS
-        })
     }
 
     /// Rows the chunks of each table carried (done chunks), by table index.

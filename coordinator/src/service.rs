@@ -326,6 +326,17 @@ impl State {
                         } else {
                             Vec::new()
                         };
+                        // A split table, verified: its receiver reads it back whole once the
+                        // last of its chunks is in (a chunk that is its table is read back
+                        // on its own).
+                        let table_chunks = if !grouped
+                            && j.record.options.verify
+                            && !matches!(j.chunks[index].range, haul_core::chunk::Range::Whole)
+                        {
+                            j.chunks.iter().filter(|c| c.table == table).count() as u64
+                        } else {
+                            0
+                        };
                         return Some(pb::sender_task::Task::Chunk(pb::ChunkLease {
                             job_id: j.record.id.clone(),
                             chunk_id,
@@ -344,11 +355,11 @@ impl State {
                             renew_ms: (lease_timeout.as_millis() / 4).clamp(200, 15_000) as u32,
                             first_lease,
                             members: group,
+                            table_chunks,
                         }));
                     }
                     if j.record.phase == Phase::Finalizing
                         && j.record.planner.as_deref() == Some(agent)
-                        && j.checks_settled(now_ms())
                     {
                         j.record.finalize_leased = true;
                         return Some(finalize_task(j));
@@ -372,8 +383,7 @@ impl State {
                     if !j.record.cleanup_pending
                         && j.record.planner.as_deref() == Some(agent)
                         && !j.record.finalize_leased
-                        && j.record.finalize_not_before_ms <= now_ms()
-                        && j.checks_settled(now_ms()) =>
+                        && j.record.finalize_not_before_ms <= now_ms() =>
                 {
                     j.record.finalize_leased = true;
                     return Some(finalize_task(j));

@@ -16,7 +16,14 @@ pub const CREATE: &str = "CREATE SCHEMA IF NOT EXISTS haul; \
         rows bigint NOT NULL, \
         raw_bytes bigint NOT NULL, \
         applied_at timestamptz NOT NULL DEFAULT now(), \
+        row_digest bytea, \
         PRIMARY KEY (job_id, chunk_id)); \
+    CREATE INDEX IF NOT EXISTS ledger_by_table ON haul.ledger (job_id, table_name); \
+    DO $$ BEGIN \
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute \
+                       WHERE attrelid = 'haul.ledger'::regclass AND attname = 'row_digest') THEN \
+            ALTER TABLE haul.ledger ADD COLUMN row_digest bytea; \
+        END IF; END $$; \
     CREATE TABLE IF NOT EXISTS haul.schema_applied ( \
         job_id text PRIMARY KEY, \
         objects integer NOT NULL, \

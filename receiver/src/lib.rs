@@ -86,6 +86,7 @@ pub async fn run(
         config: config.clone(),
         finalizing: Default::default(),
         cancelled: Default::default(),
+        whole_reads: Default::default(),
         shapes: Default::default(),
     });
     let svc = pb::receiver_server::ReceiverServer::new(service::ReceiverService { inner })

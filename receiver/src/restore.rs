@@ -42,6 +42,9 @@ pub struct Restore<'a> {
     pub spool: &'a std::path::Path,
     /// Load with `session_replication_role = replica`: triggers and FK checks do not fire.
     pub replica_role: bool,
+    /// The sender's digest of the chunk's rows, recorded in the ledger: the receiver that
+    /// commits a split table's last chunk sums them to check the table read back whole.
+    pub row_digest: Option<haul_core::row_digest::RowDigest>,
 }
 
 pub enum Applied {
@@ -325,12 +328,16 @@ async fn finish(
         let what = format!("chunk {} of {}", r.chunk_id, r.table);
         check_lease(fence, r.job_id, r.chunk_id, r.epoch, &what).await?;
     }
-    let recorded = if live {
+    let mut recorded = if live {
         let hex: String = r.digest.iter().map(|b| format!("{b:02x}")).collect();
         format!(", digest = '\\x{hex}'::bytea, raw_bytes = {}", r.raw_bytes)
     } else {
         String::new()
     };
+    if let Some(d) = &r.row_digest {
+        let hex: String = d.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        recorded.push_str(&format!(", row_digest = '\\x{hex}'::bytea"));
+    }
     let finish = format!(
         "UPDATE haul.ledger SET rows = {rows}{recorded} WHERE job_id = {} AND chunk_id = {}; COMMIT",
         quote_literal(r.job_id),

@@ -55,9 +55,48 @@ pub struct Inner {
     pub shapes: haul_core::row_digest::ShapeCache,
     /// Jobs cancelled (and undone) since this process started: nothing more of them is taken.
     pub cancelled: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Tables read back whole during the copy, by (job, table): a split table once its last
+    /// chunk is in, or a chunk that is its whole table. An entry is claimed before the read
+    /// starts, so the two last chunks of one table committed at once start one read-back, not
+    /// two; its value is the target's digest once read. Finalize takes a table's digest from
+    /// here (waiting for a read still running) instead of reading the table again, so it need
+    /// not wait for the last read-backs before post-data. Dropped at cleanup.
+    pub whole_reads: std::sync::Mutex<std::collections::HashMap<(String, String), WholeRead>>,
 }
 
+/// The target's digest of a table read back whole: `None` while the read runs, then its result
+/// (an error as its message).
+pub type WholeRead = tokio::sync::watch::Receiver<Option<Result<RowDigest, String>>>;
+type WholeReadDone = tokio::sync::watch::Sender<Option<Result<RowDigest, String>>>;
+
 impl Inner {
+    /// Claim the read-back of a whole table; `None` when it is claimed already.
+    fn claim_whole_read(&self, job_id: &str, table: &TableName) -> Option<WholeReadDone> {
+        let mut reads = self.whole_reads.lock().ok()?;
+        let key = (job_id.to_string(), table.to_string());
+        if reads.contains_key(&key) {
+            return None;
+        }
+        let (done, read) = tokio::sync::watch::channel(None);
+        reads.insert(key, read);
+        Some(done)
+    }
+
+    /// The digest of a table read back whole during the copy, waiting for a read still
+    /// running; `None` when there was none, or it failed.
+    async fn whole_read(&self, job_id: &str, table: &TableName) -> Option<RowDigest> {
+        let key = (job_id.to_string(), table.to_string());
+        let mut read = self.whole_reads.lock().ok()?.get(&key)?.clone();
+        let got = read.wait_for(|v| v.is_some()).await.ok()?.clone();
+        got?.ok()
+    }
+
+    fn forget_whole_reads(&self, job_id: &str) {
+        if let Ok(mut reads) = self.whole_reads.lock() {
+            reads.retain(|(job, _), _| job != job_id);
+        }
+    }
+
     fn job_lock(&self, job_id: &str) -> Arc<tokio::sync::Mutex<()>> {
         match self.finalizing.lock() {
             Ok(mut m) => m.entry(job_id.to_string()).or_default().clone(),
@@ -462,6 +501,7 @@ impl ReceiverService {
             replica_role: self.inner.replica_role,
             snapshot_id: &header.snapshot_id,
             fence: Some(self.inner.fence.clone()),
+            row_digest: None,
         };
         // From its start, a chunk of rows is loaded while it arrives, when a target connection
         // is free for it; otherwise (and on any failure) it is restored from the spool.
@@ -514,6 +554,7 @@ impl ReceiverService {
         let applying = std::time::Instant::now();
         r.digest = &digest;
         r.raw_bytes = raw_bytes;
+        r.row_digest = source_rows;
         if haul_core::failpoint::fire("corrupt-spool") {
             // Test point: the spool changes on disk, and the chunk is restored from it.
             spool::flip_a_byte(&path).await;
@@ -615,15 +656,151 @@ impl ReceiverService {
             // Read back after the receipt, not before it: the sender's slot goes on to its next
             // chunk meanwhile. The result goes to the coordinator directly.
             receipt.check_pending = true;
+            // A chunk that is its whole table: finalize may use this read instead of its own.
+            let done = if matches!(range, haul_core::chunk::Range::Whole)
+                && !haul_core::large_object::is_large_objects(&table)
+            {
+                self.inner.claim_whole_read(job_id, &table)
+            } else {
+                None
+            };
             let (svc, job_id) = (self.clone(), job_id.to_string());
+            let (table, columns) = (table.clone(), columns.clone());
             tokio::spawn(async move {
-                svc.check_chunk(job_id, chunk_id, table, columns, range, meta, source)
+                svc.check_chunk(job_id, chunk_id, table, columns, range, meta, source, done)
                     .await
             });
+        }
+        // A chunk of a split table: once the ledger holds all of the table's chunks, the table
+        // is read back whole now, while the rest of the job copies, instead of at finalize.
+        if header.verify && !along && header.table_chunks > 1 {
+            match self
+                .split_table_complete(job_id, &table, header.table_chunks)
+                .await
+            {
+                Ok(Some((ids, source))) => {
+                    if let Some(done) = self.inner.claim_whole_read(job_id, &table) {
+                        receipt.check_pending = true;
+                        let (svc, job_id) = (self.clone(), job_id.to_string());
+                        tokio::spawn(async move {
+                            svc.check_split_table(
+                                job_id, chunk_id, ids, table, columns, source, done,
+                            )
+                            .await
+                        });
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(
+                    job = %job_id, chunk = chunk_id, %table,
+                    "cannot tell whether the table is complete; it is compared at the end: {e:#}"
+                ),
+            }
         }
         receipt.apply_ms = applying.elapsed().as_millis() as u64;
         receipt.held_ms = held.as_millis() as u64;
         Ok(receipt)
+    }
+
+    /// When the target's ledger holds all `count` chunks of a split table, each with the
+    /// sender's row digest: their ids and the sum of those digests (`None`: not yet, or a
+    /// chunk without one). The count comes first and is cheap (an index on job and table), so
+    /// the chunks before the last cost one small query each.
+    async fn split_table_complete(
+        &self,
+        job_id: &str,
+        table: &TableName,
+        count: u64,
+    ) -> anyhow::Result<Option<(Vec<u64>, RowDigest)>> {
+        let name = table.to_string();
+        let client = self.inner.pool.get().await?;
+        let have: i64 = client
+            .query_one(
+                "SELECT count(*) FROM haul.ledger WHERE job_id = $1 AND table_name = $2",
+                &[&job_id, &name],
+            )
+            .await
+            .context("count the table's chunks in the ledger")?
+            .get(0);
+        if (have.max(0) as u64) < count {
+            return Ok(None);
+        }
+        let rows = client
+            .query(
+                "SELECT chunk_id, rows, row_digest FROM haul.ledger \
+                 WHERE job_id = $1 AND table_name = $2",
+                &[&job_id, &name],
+            )
+            .await
+            .context("read the table's chunks from the ledger")?;
+        let (mut ids, mut sum) = (Vec::with_capacity(rows.len()), RowDigest::default());
+        for row in rows {
+            let (id, n, d): (i64, i64, Option<Vec<u8>>) = (row.get(0), row.get(1), row.get(2));
+            let Some(d) = d.filter(|d| !d.is_empty()) else {
+                return Ok(None);
+            };
+            sum.combine(&RowDigest::from_bytes(n.max(0) as u64, &d)?);
+            ids.push(id as u64);
+        }
+        Ok(Some((ids, sum)))
+    }
+
+    /// Read a split table back whole and compare it with the sum of its chunks' digests. Equal:
+    /// every chunk of it is reported compared. Different or unreadable: reported not compared,
+    /// so finalize reads it again and names the chunks that differ. `last` (the chunk whose
+    /// receipt said the check is pending) is reported last.
+    #[allow(clippy::too_many_arguments)]
+    async fn check_split_table(
+        self,
+        job_id: String,
+        last: u64,
+        chunk_ids: Vec<u64>,
+        table: TableName,
+        columns: Vec<Column>,
+        source: RowDigest,
+        done: WholeReadDone,
+    ) {
+        // Test point: the read-back is still running when finalize starts.
+        haul_core::failpoint::stall("stall-in-split-check").await;
+        let began = std::time::Instant::now();
+        let meta = haul_core::large_object::Metadata::default();
+        let got = self
+            .digest_whole(&[(table.clone(), columns)], meta, SPLIT_CHECK_PARALLEL)
+            .await
+            .pop();
+        done.send_replace(Some(match &got {
+            Some(Ok(d)) => Ok(*d),
+            Some(Err(e)) => Err(format!("{e:#}")),
+            None => Err("not read".to_string()),
+        }));
+        let equal = match got {
+            Some(Ok(target)) if target == source => {
+                tracing::info!(job = %job_id, %table, chunks = chunk_ids.len(), rows = target.rows,
+                    secs = began.elapsed().as_secs_f32(), "split table read back whole: equal");
+                true
+            }
+            Some(Ok(target)) => {
+                tracing::warn!(job = %job_id, %table, source_rows = source.rows, target_rows = target.rows,
+                    "split table read back whole differs; finalize names the chunks");
+                false
+            }
+            Some(Err(e)) => {
+                tracing::warn!(job = %job_id, %table, "failed to read the split table back (finalize compares it): {e:#}");
+                false
+            }
+            None => false,
+        };
+        let mut ids: Vec<u64> = chunk_ids.into_iter().filter(|&i| i != last).collect();
+        ids.push(last);
+        for chunk_id in ids {
+            self.report_check_result(pb::CheckReport {
+                job_id: job_id.clone(),
+                chunk_id,
+                checked: equal,
+                mismatch: String::new(),
+            })
+            .await;
+        }
     }
 
     /// Read a committed chunk back, compare it with the sender's row digest, and tell the
@@ -638,8 +815,16 @@ impl ReceiverService {
         range: haul_core::chunk::Range,
         meta: haul_core::large_object::Metadata,
         source: RowDigest,
+        done: Option<WholeReadDone>,
     ) {
-        let report = match self.read_back(&table, &columns, &range, meta).await {
+        let got = self.read_back(&table, &columns, &range, meta).await;
+        if let Some(done) = done {
+            done.send_replace(Some(match &got {
+                Ok(d) => Ok(*d),
+                Err(e) => Err(format!("{e:#}")),
+            }));
+        }
+        let report = match got {
             Ok(target) => {
                 let mismatch = readback::mismatch(&table, chunk_id, &range, &source, &target)
                     .unwrap_or_default();
@@ -664,6 +849,12 @@ impl ReceiverService {
                 }
             }
         };
+        self.report_check_result(report).await;
+    }
+
+    /// Tell the coordinator a chunk's check result, retrying for a while: a report lost is a
+    /// check the job waits for.
+    async fn report_check_result(&self, report: pb::CheckReport) {
         let mut wait = std::time::Duration::from_millis(200);
         for _ in 0..10 {
             let mut fence = self.inner.fence.clone();
@@ -872,7 +1063,7 @@ impl ReceiverService {
         };
         let digests_began = std::time::Instant::now();
         let (row_digests, chunk_mismatches) = self
-            .table_row_digests(&req.expect, meta, req.parallel.max(1) as usize)
+            .table_row_digests(job, &req.expect, meta, req.parallel.max(1) as usize)
             .await?;
         if !req.expect.is_empty() {
             tracing::info!(
@@ -898,6 +1089,7 @@ impl ReceiverService {
     /// time, for tables some chunk of which could not be compared along the way.
     async fn table_row_digests(
         &self,
+        job_id: &str,
         expect: &[pb::TableExpect],
         meta: haul_core::large_object::Metadata,
         parallel: usize,
@@ -915,10 +1107,75 @@ impl ReceiverService {
                 .collect::<anyhow::Result<_>>()?;
             tables.push((table, columns));
         }
-        // A big table is read in page ranges on several connections at once (its digest is
-        // the sum of theirs), so one table does not leave the other connections idle at the
-        // end; the biggest pieces go first.
-        let pages = self.target_pages(&tables).await;
+        // A table read back whole during the copy (its read may still be running, alongside
+        // post-data) is not read again: that read is its digest.
+        let mut sums: Vec<Option<anyhow::Result<RowDigest>>> = Vec::with_capacity(tables.len());
+        for (table, _) in &tables {
+            sums.push(self.inner.whole_read(job_id, table).await.map(Ok));
+        }
+        let reused = sums.iter().filter(|s| s.is_some()).count();
+        let unread: Vec<(TableName, Vec<Column>)> = tables
+            .iter()
+            .zip(&sums)
+            .filter(|(_, s)| s.is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        tracing::info!(
+            job = job_id,
+            tables = tables.len(),
+            reused,
+            "tables compared whole at finalize ({reused} read back during the copy)"
+        );
+        let mut read = self.digest_whole(&unread, meta, parallel).await.into_iter();
+        let sums: Vec<anyhow::Result<RowDigest>> = sums
+            .into_iter()
+            .map(|s| {
+                s.or_else(|| read.next())
+                    .unwrap_or_else(|| Err(anyhow::anyhow!("not read")))
+            })
+            .collect();
+        let (mut out, mut found) = (Vec::with_capacity(expect.len()), Vec::new());
+        for ((e, (table, columns)), sum) in expect.iter().zip(tables.iter()).zip(sums) {
+            let (rows, digest) = match sum {
+                Ok(d) => {
+                    let expected = RowDigest::from_bytes(e.rows, &e.row_digest).ok();
+                    if expected.is_some_and(|x| x != d) {
+                        found.extend(self.drill_down(table, columns, &e.chunks, meta).await);
+                    }
+                    (
+                        d.rows as i64,
+                        d.to_bytes().iter().map(|x| format!("{x:02x}")).collect(),
+                    )
+                }
+                Err(err) => {
+                    tracing::warn!(%table, "failed to digest table on target: {err:#}");
+                    (-1, "unreadable".to_string())
+                }
+            };
+            out.push(pb::TableDigest {
+                table: Some(table.to_wire()),
+                rows,
+                digest,
+            });
+        }
+        found.sort();
+        Ok((out, found))
+    }
+
+    /// Tables read back whole and digested as chunks are, `parallel` connections at a time. A
+    /// big table is read in page ranges on several connections at once (its digest is the sum
+    /// of theirs), so one table does not leave the other connections idle; the biggest pieces
+    /// go first.
+    async fn digest_whole(
+        &self,
+        tables: &[(TableName, Vec<Column>)],
+        meta: haul_core::large_object::Metadata,
+        parallel: usize,
+    ) -> Vec<anyhow::Result<RowDigest>> {
+        if tables.is_empty() {
+            return Vec::new();
+        }
+        let pages = self.target_pages(tables).await;
         let piece = read_back_piece_pages();
         let mut pieces: Vec<(usize, haul_core::chunk::Range, i64)> = Vec::new();
         for (i, n) in pages.iter().enumerate() {
@@ -947,7 +1204,7 @@ impl ReceiverService {
             )
         });
         pieces.reverse(); // popped from the end
-        let tables = Arc::new(tables);
+        let tables = Arc::new(tables.to_vec());
         let queue = Arc::new(tokio::sync::Mutex::new(pieces));
         let mut workers = tokio::task::JoinSet::new();
         let n_pieces = queue.lock().await.len();
@@ -974,7 +1231,23 @@ impl ReceiverService {
         let mut sums: Vec<Option<anyhow::Result<RowDigest>>> =
             (0..tables.len()).map(|_| None).collect();
         while let Some(r) = workers.join_next().await {
-            for (i, got) in r.context("table digest worker")?? {
+            // A worker lost takes its pieces with it: no sum can be trusted then.
+            let done = match r {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => {
+                    return tables
+                        .iter()
+                        .map(|_| Err(anyhow::anyhow!("{e:#}")))
+                        .collect()
+                }
+                Err(e) => {
+                    return tables
+                        .iter()
+                        .map(|_| Err(anyhow::anyhow!("table digest worker: {e}")))
+                        .collect()
+                }
+            };
+            for (i, got) in done {
                 let slot = &mut sums[i];
                 *slot = Some(match (slot.take(), got) {
                     (None, got) => got,
@@ -986,33 +1259,9 @@ impl ReceiverService {
                 });
             }
         }
-        let (mut out, mut found) = (Vec::with_capacity(expect.len()), Vec::new());
-        for ((e, (table, columns)), sum) in expect.iter().zip(tables.iter()).zip(sums) {
-            let sum = sum.unwrap_or_else(|| Err(anyhow::anyhow!("no piece of it was read")));
-            let (rows, digest) = match sum {
-                Ok(d) => {
-                    let expected = RowDigest::from_bytes(e.rows, &e.row_digest).ok();
-                    if expected.is_some_and(|x| x != d) {
-                        found.extend(self.drill_down(table, columns, &e.chunks, meta).await);
-                    }
-                    (
-                        d.rows as i64,
-                        d.to_bytes().iter().map(|x| format!("{x:02x}")).collect(),
-                    )
-                }
-                Err(err) => {
-                    tracing::warn!(%table, "failed to digest table on target: {err:#}");
-                    (-1, "unreadable".to_string())
-                }
-            };
-            out.push(pb::TableDigest {
-                table: Some(table.to_wire()),
-                rows,
-                digest,
-            });
-        }
-        found.sort();
-        Ok((out, found))
+        sums.into_iter()
+            .map(|s| s.unwrap_or_else(|| Err(anyhow::anyhow!("no piece of it was read"))))
+            .collect()
     }
 
     /// Each table's size in pages on the target, where its server can read a page range
@@ -1119,6 +1368,7 @@ impl ReceiverService {
         }
         self.inner.spool.remove_job(&req.job_id).await;
         self.inner.partials.forget_job(&req.job_id);
+        self.inner.forget_whole_reads(&req.job_id);
         tracing::info!(job = %req.job_id, schema_dropped, undo = req.undo, undone = ?outcome.undone, left = ?outcome.left, "cleaned up");
         Ok(pb::CleanupReply {
             schema_dropped,
@@ -1127,6 +1377,9 @@ impl ReceiverService {
         })
     }
 }
+
+/// Connections a split table's read-back during the copy uses (the rest keep loading chunks).
+const SPLIT_CHECK_PARALLEL: usize = 2;
 
 /// A table bigger than this many pages (64 MB) is read back at the end in pieces this big;
 /// `HAUL_READBACK_PIECE_PAGES` sets another size (tests use it to split small tables).

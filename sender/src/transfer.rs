@@ -188,6 +188,7 @@ pub async fn run(
         large_object_owner: !options.no_owner,
         large_object_privileges: !options.no_privileges,
         members: Vec::new(),
+        table_chunks: lease.table_chunks,
     };
     let started = Instant::now();
     let client = reader.as_ref().map(|r| &r.client);
