@@ -129,3 +129,36 @@ fn job_ids_are_unique_across_runs() -> anyhow::Result<()> {
     assert_ne!(ids[0], ids[1]);
     Ok(())
 }
+
+/// Regression: pre-data and post-data are uploaded side by side, and post-data's upload wrote
+/// how to undo it into `haul.undo` at once. When it ended before pre-data's preflight had made
+/// the ledger (10,000 tables made that likely), the job failed with `relation "haul.undo" does
+/// not exist`. Post-data's upload now only stores the script; its undo is written at finalize,
+/// before it is applied. Here pre-data's preflight is held back until post-data is in.
+#[test]
+fn post_data_uploaded_before_the_preflight_made_the_ledger() -> anyhow::Result<()> {
+    let (source, target) = two_clusters()?;
+    source.create_database("db")?;
+    source.psql("db", THREE)?;
+    target.create_database("db")?;
+    let out = std::process::Command::new(common::procs::HAUL)
+        .args([
+            "copy",
+            "--source",
+            &source.url("db"),
+            "--target",
+            &target.url("db"),
+        ])
+        .env("HAUL_FAILPOINTS", "stall-before-preflight")
+        .env("HAUL_FAILPOINT_STALL_MS", "2000")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        failure_line(&out)
+    );
+    let diffs = compare_databases(&source.url("db"), &target.url("db"))?;
+    assert!(diffs.is_empty(), "{diffs:?}");
+    Ok(())
+}

@@ -274,15 +274,15 @@ impl ReceiverService {
             anyhow::bail!("schema upload ended before it was complete; nothing was applied");
         }
         if section == pb::SchemaSection::SectionPost {
+            // Only stored: it is applied at finalize, and how to undo it is written down then,
+            // before any of it is applied. Nothing is written to the target here, because this
+            // upload runs beside pre-data's, and may end before pre-data's preflight has looked
+            // at the target (or refused it) and made the ledger.
             let text = tokio::fs::read_to_string(&path)
                 .await
                 .context("read post-data spool")?;
-            let script = Script::parse(&text);
-            // How to undo it is written down before any of it is applied (at finalize).
-            let client = self.inner.config.target.connect("haul-schema").await?;
-            undo::record_post_data(&client, &first.job_id, &script.drops).await?;
             return Ok(pb::SchemaReply {
-                objects: script.entries.len() as u32,
+                objects: Script::parse(&text).entries.len() as u32,
             });
         }
 
@@ -291,6 +291,8 @@ impl ReceiverService {
         let lock = self.inner.job_lock(&first.job_id);
         let _one_at_a_time = lock.lock().await;
         self.inner.refuse_cancelled(&first.job_id)?;
+        // Test point: post-data's upload (run beside this one) ends first.
+        haul_core::failpoint::stall("stall-before-preflight").await;
         let client = self.inner.config.target.connect("haul-schema").await?;
         if ledger::exists(&client).await? {
             // Tables a ledger of an older haul lacks are added first (no rows are written).
@@ -1011,6 +1013,9 @@ impl ReceiverService {
         let post_objects = match tokio::fs::read_to_string(&post_path).await {
             Ok(text) => {
                 let script = Script::parse(&text);
+                // How to undo it, written down before any of it is applied (the first record
+                // stands: a run again after a crash keeps it).
+                undo::record_post_data(&client, job, &script.drops).await?;
                 let n =
                     schema::apply_post(target, &script, req.parallel.max(1) as usize, job, &done)
                         .await?;
