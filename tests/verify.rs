@@ -278,6 +278,42 @@ fn a_key_split_table_that_differs_is_drilled_down_to_its_chunk() -> anyhow::Resu
     Ok(())
 }
 
+/// A source with `big`, 30,000 rows that 256 kB chunks split by key, and an empty target.
+fn big_split_table() -> anyhow::Result<(common::Cluster, common::Cluster)> {
+    let (source, target) = two_clusters()?;
+    source.create_database("db")?;
+    source.psql(
+        "db",
+        "CREATE TABLE big (id int PRIMARY KEY, v text); \
+         INSERT INTO big SELECT g, repeat('v' || g, 10) FROM generate_series(1, 30000) AS g; ANALYZE;",
+    )?;
+    Ok((source, target))
+}
+
+/// `haul copy` of `big` into a new database `db` of `target`, in 256 kB chunks, logging at
+/// info, with `failpoints` armed and one more environment setting.
+fn copy_into(
+    source: &common::Cluster,
+    target: &common::Cluster,
+    db: &str,
+    failpoints: &str,
+    env: (&str, &str),
+) -> anyhow::Result<std::process::Output> {
+    target.create_database(db)?;
+    Ok(std::process::Command::new(common::procs::HAUL)
+        .args([
+            "copy",
+            "--source",
+            &source.url("db"),
+            "--target",
+            &target.url(db),
+        ])
+        .args(["--chunk-size", "256kB", "--log", "info"])
+        .env("HAUL_FAILPOINTS", failpoints)
+        .env(env.0, env.1)
+        .output()?)
+}
+
 /// A split table is read back whole once its last chunk is in, while the rest of the job
 /// copies. Finalize does not wait for that read before post-data: when it reaches the
 /// comparison it takes the read's result (waiting for it if need be) instead of reading the
@@ -287,27 +323,15 @@ fn a_key_split_table_that_differs_is_drilled_down_to_its_chunk() -> anyhow::Resu
 #[test]
 fn finalize_uses_the_split_table_read_still_running_instead_of_reading_again() -> anyhow::Result<()>
 {
-    let (source, target) = two_clusters()?;
-    source.create_database("db")?;
-    source.psql(
-        "db",
-        "CREATE TABLE big (id int PRIMARY KEY, v text); \
-         INSERT INTO big SELECT g, repeat('v' || g, 10) FROM generate_series(1, 30000) AS g; ANALYZE;",
-    )?;
-    let copy = |db: &str, failpoints: &str| -> anyhow::Result<std::process::Output> {
-        target.create_database(db)?;
-        Ok(std::process::Command::new(common::procs::HAUL)
-            .args([
-                "copy",
-                "--source",
-                &source.url("db"),
-                "--target",
-                &target.url(db),
-            ])
-            .args(["--chunk-size", "256kB", "--log", "info"])
-            .env("HAUL_FAILPOINTS", failpoints)
-            .env("HAUL_FAILPOINT_STALL_MS", "3000")
-            .output()?)
+    let (source, target) = big_split_table()?;
+    let copy = |db: &str, failpoints: &str| {
+        copy_into(
+            &source,
+            &target,
+            db,
+            failpoints,
+            ("HAUL_FAILPOINT_STALL_MS", "3000"),
+        )
     };
     let out = copy("clean", "stall-in-split-check")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -340,27 +364,15 @@ fn finalize_uses_the_split_table_read_still_running_instead_of_reading_again() -
 /// row is still found and drilled down to its one chunk.
 #[test]
 fn a_table_read_back_in_pieces_verifies_and_still_names_the_changed_chunk() -> anyhow::Result<()> {
-    let (source, target) = two_clusters()?;
-    source.create_database("db")?;
-    source.psql(
-        "db",
-        "CREATE TABLE big (id int PRIMARY KEY, v text); \
-         INSERT INTO big SELECT g, repeat('v' || g, 10) FROM generate_series(1, 30000) AS g; ANALYZE;",
-    )?;
-    let copy = |db: &str, failpoints: &str| -> anyhow::Result<std::process::Output> {
-        target.create_database(db)?;
-        Ok(std::process::Command::new(common::procs::HAUL)
-            .args([
-                "copy",
-                "--source",
-                &source.url("db"),
-                "--target",
-                &target.url(db),
-            ])
-            .args(["--chunk-size", "256kB", "--log", "info"])
-            .env("HAUL_FAILPOINTS", failpoints)
-            .env("HAUL_READBACK_PIECE_PAGES", "8")
-            .output()?)
+    let (source, target) = big_split_table()?;
+    let copy = |db: &str, failpoints: &str| {
+        copy_into(
+            &source,
+            &target,
+            db,
+            failpoints,
+            ("HAUL_READBACK_PIECE_PAGES", "8"),
+        )
     };
     let out = copy("clean", "")?;
     let stdout = String::from_utf8_lossy(&out.stdout);

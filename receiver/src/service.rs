@@ -820,12 +820,14 @@ impl ReceiverService {
         done: Option<WholeReadDone>,
     ) {
         let got = self.read_back(&table, &columns, &range, meta).await;
+        let kept = done.is_some();
         if let Some(done) = done {
             done.send_replace(Some(match &got {
                 Ok(d) => Ok(*d),
                 Err(e) => Err(format!("{e:#}")),
             }));
         }
+        let (job, name) = (job_id.clone(), table.to_string());
         let report = match got {
             Ok(target) => {
                 let mismatch = readback::mismatch(&table, chunk_id, &range, &source, &target)
@@ -852,6 +854,14 @@ impl ReceiverService {
             }
         };
         self.report_check_result(report).await;
+        // Once reported, a small table's read is only needed by a finalize handed out before
+        // the report arrived, which reads the table itself if it is gone: a job of 10,000
+        // tables does not keep 10,000 entries (split tables keep theirs until cleanup).
+        if kept {
+            if let Ok(mut reads) = self.inner.whole_reads.lock() {
+                reads.remove(&(job, name));
+            }
+        }
     }
 
     /// Tell the coordinator a chunk's check result, retrying for a while: a report lost is a
