@@ -1645,11 +1645,19 @@ fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply
             .iter()
             .filter(|c| !haul_core::large_object::is_large_objects(&c.table))
             .count() as u32,
+        // Objects as their chunks carried them: a large objects' digest, compared whole at
+        // finalize when one of their chunks was not compared along the way, counts pieces.
         large_objects_checked: rec
             .checks
             .iter()
             .find(|c| haul_core::large_object::is_large_objects(&c.table))
-            .map_or(0, |c| c.source_rows),
+            .map_or(0, |c| {
+                job.tables
+                    .iter()
+                    .position(|t| t.table == c.table)
+                    .and_then(|i| job.rows_by_table().get(i).copied())
+                    .unwrap_or(c.source_rows)
+            }),
         sequences: rec.sequences,
         snapshot_id: rec.snapshot_id.clone(),
         planned_bytes: job.tables.iter().map(|t| t.bytes).sum(),
