@@ -341,7 +341,7 @@ impl ReceiverService {
             .context("read pre-data spool")?;
         let script = Script::parse(&text);
         let role_names: Vec<String> = create_roles.iter().map(|r| r.name.clone()).collect();
-        undo::record_pre_data(&client, &first.job_id, &script.drops, &role_names).await?;
+        undo::record_pre_data(&client, &first.job_id, &script, &role_names).await?;
         let create_roles: Vec<String> = create_roles.into_iter().map(|r| r.create_sql).collect();
         tracing::info!(
             job = %first.job_id,
@@ -1025,7 +1025,7 @@ impl ReceiverService {
                 let script = Script::parse(&text);
                 // How to undo it, written down before any of it is applied (the first record
                 // stands: a run again after a crash keeps it).
-                undo::record_post_data(&client, job, &script.drops).await?;
+                undo::record_post_data(&client, job, &script).await?;
                 let n =
                     schema::apply_post(target, &script, req.parallel.max(1) as usize, job, &done)
                         .await?;

@@ -9,10 +9,10 @@
 //! |---|---|---|
 //! | [`TABLES`] | at preflight | nothing: the job's tables, for the survey |
 //! | [`ROLES`] | before pre-data, with `--roles` | `DROP OWNED BY` and `DROP ROLE` of the roles created |
-//! | [`PRE_DATA`] | before pre-data | pg_dump's own `--clean` drops, less extensions the target had |
+//! | [`PRE_DATA`] | before pre-data | pg_dump's own `--clean` drops, less extensions the target had; default privileges taken back |
 //! | [`ROWS`] | at preflight, with `--no-schema` | `TRUNCATE` of the job's tables (empty at preflight) |
 //! | [`LARGE_OBJECTS`] | at preflight, when large objects move | `lo_unlink` of every large object (none at preflight) |
-//! | [`POST_DATA`] | when post-data arrives | pg_dump's `--clean` drops of indexes, keys, triggers |
+//! | [`POST_DATA`] | at finalize, before post-data is applied | pg_dump's `--clean` drops of indexes, keys, triggers |
 //! | [`SEQUENCES`] | before sequences are set, with `--no-schema` | `setval` back to the values found |
 //!
 //! Materialized views refreshed into a `--no-schema` target keep their new contents; the
@@ -75,9 +75,10 @@ pub async fn record_preflight(
 pub async fn record_pre_data(
     client: &Client,
     job_id: &str,
-    drops: &[String],
+    script: &haul_core::schema_script::Script,
     created_roles: &[String],
 ) -> anyhow::Result<()> {
+    let drops = &script.drops;
     let had: Vec<String> = client
         .query("SELECT extname::text FROM pg_catalog.pg_extension", &[])
         .await
@@ -94,6 +95,7 @@ pub async fn record_pre_data(
         })
         .cloned()
         .collect();
+    let drops = with_default_privileges_undone(script, drops);
     if !created_roles.is_empty() {
         let statements: Vec<String> = created_roles
             .iter()
@@ -129,8 +131,9 @@ pub async fn record_pre_data(
 pub async fn record_post_data(
     client: &Client,
     job_id: &str,
-    drops: &[String],
+    script: &haul_core::schema_script::Script,
 ) -> anyhow::Result<()> {
+    let drops = with_default_privileges_undone(script, script.drops.clone());
     if drops.is_empty() {
         return Ok(());
     }
@@ -139,7 +142,7 @@ pub async fn record_post_data(
         job_id,
         POST_DATA,
         "drop the indexes, keys and triggers post-data created",
-        drops,
+        &drops,
     )
     .await
 }
@@ -365,6 +368,71 @@ fn list(names: &[String]) -> String {
     s
 }
 
+/// Default privileges have no drop in pg_dump's `--clean` output: each grant of the script's
+/// DEFAULT ACL entries is taken back (and each revoke given back), last first, ahead of `drops`
+/// (before the schemas they name are dropped).
+fn with_default_privileges_undone(
+    script: &haul_core::schema_script::Script,
+    drops: Vec<String>,
+) -> Vec<String> {
+    let mut undo: Vec<String> = script
+        .entries
+        .iter()
+        .filter(|e| e.kind == "DEFAULT ACL")
+        .flat_map(|e| e.sql.split(";\n").filter_map(reverse_default_privileges))
+        .collect();
+    undo.reverse();
+    undo.extend(drops);
+    undo
+}
+
+/// The statement that undoes one `ALTER DEFAULT PRIVILEGES ... GRANT ... TO ...` (a revoke) or
+/// `... REVOKE ... FROM ...` (a grant) of pg_dump's; `None` for anything else.
+fn reverse_default_privileges(statement: &str) -> Option<String> {
+    // The statement as pg_dump prints it, less comment lines before it.
+    let st: String = statement
+        .lines()
+        .skip_while(|l| l.trim().is_empty() || l.trim_start().starts_with("--"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let st = st.trim().trim_end_matches(';').trim();
+    let rest = st.strip_prefix("ALTER DEFAULT PRIVILEGES ")?;
+    // The first GRANT or REVOKE keyword says which it is ("REVOKE GRANT OPTION FOR" revokes).
+    let word = |w: &str| {
+        rest.match_indices(w)
+            .map(|(i, _)| i)
+            .find(|&i| i == 0 || rest[..i].ends_with(' '))
+    };
+    let grant = match (word("GRANT "), word("REVOKE ")) {
+        (Some(g), Some(r)) if g > r => None,
+        (g, _) => g,
+    };
+    if let Some(at) = grant {
+        let (scope, body) = (&rest[..at], &rest[at + "GRANT ".len()..]);
+        let body = body.strip_suffix(" WITH GRANT OPTION").unwrap_or(body);
+        let to = body.rfind(" TO ")?;
+        return Some(format!(
+            "ALTER DEFAULT PRIVILEGES {scope}REVOKE {} FROM {}",
+            &body[..to],
+            &body[to + " TO ".len()..]
+        ));
+    }
+    let at = rest
+        .find("REVOKE ")
+        .filter(|&i| i == 0 || rest[..i].ends_with(' '))?;
+    let (scope, body) = (&rest[..at], &rest[at + "REVOKE ".len()..]);
+    let (body, option) = match body.strip_prefix("GRANT OPTION FOR ") {
+        Some(b) => (b, " WITH GRANT OPTION"),
+        None => (body, ""),
+    };
+    let from = body.rfind(" FROM ")?;
+    Some(format!(
+        "ALTER DEFAULT PRIVILEGES {scope}GRANT {} TO {}{option}",
+        &body[..from],
+        &body[from + " FROM ".len()..]
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -372,5 +440,36 @@ mod tests {
         let names: Vec<String> = (0..12).map(|i| format!("t{i}")).collect();
         assert_eq!(super::list(&names[..2]), "t0, t1");
         assert!(super::list(&names).ends_with("t9 and 2 more"));
+    }
+
+    #[test]
+    fn default_privileges_are_taken_back() {
+        let cases = [
+            (
+                "ALTER DEFAULT PRIVILEGES FOR ROLE haul IN SCHEMA public GRANT SELECT ON TABLES TO PUBLIC;",
+                Some("ALTER DEFAULT PRIVILEGES FOR ROLE haul IN SCHEMA public REVOKE SELECT ON TABLES FROM PUBLIC"),
+            ),
+            (
+                "ALTER DEFAULT PRIVILEGES FOR ROLE app GRANT ALL ON SEQUENCES TO \"Readers\" WITH GRANT OPTION",
+                Some("ALTER DEFAULT PRIVILEGES FOR ROLE app REVOKE ALL ON SEQUENCES FROM \"Readers\""),
+            ),
+            (
+                "--\n-- Name: DEFAULT PRIVILEGES FOR FUNCTIONS; Type: DEFAULT ACL\n--\n\nALTER DEFAULT PRIVILEGES FOR ROLE app REVOKE ALL ON FUNCTIONS FROM PUBLIC",
+                Some("ALTER DEFAULT PRIVILEGES FOR ROLE app GRANT ALL ON FUNCTIONS TO PUBLIC"),
+            ),
+            (
+                "ALTER DEFAULT PRIVILEGES FOR ROLE app REVOKE GRANT OPTION FOR USAGE ON TYPES FROM app",
+                Some("ALTER DEFAULT PRIVILEGES FOR ROLE app GRANT USAGE ON TYPES TO app WITH GRANT OPTION"),
+            ),
+            ("GRANT SELECT ON TABLE t TO PUBLIC", None),
+            ("", None),
+        ];
+        for (statement, undo) in cases {
+            assert_eq!(
+                super::reverse_default_privileges(statement).as_deref(),
+                undo,
+                "{statement}"
+            );
+        }
     }
 }
