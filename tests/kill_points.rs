@@ -243,3 +243,36 @@ fn a_coordinator_restart_during_post_data_does_not_apply_it_twice() -> anyhow::R
     assert!(!log.contains("already exists"), "{log}");
     Ok(())
 }
+
+/// Each role killed while a split table is being read back whole during the copy (held at
+/// `stall-in-split-check`) and restarted: the job still ends done, verified, equal by the
+/// independent comparison, with no ledger left. A receiver killed there loses the read, and
+/// finalize reads the table itself.
+#[test]
+fn each_role_killed_during_a_split_table_read_back() -> anyhow::Result<()> {
+    let roles: [(&str, fn(&mut Move) -> &mut Agent); 3] = [
+        ("receiver", |m| &mut m.receiver),
+        ("coordinator", |m| &mut m.coordinator),
+        ("sender", |m| &mut m.sender),
+    ];
+    for (name, role) in roles {
+        let mut m = moves::start(Setup {
+            failpoints: Some("stall-in-split-check"),
+            drop_ledger: true,
+            bwlimit: Some("0"),
+            ..Default::default()
+        })?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        wait_for_line(
+            &m.receiver,
+            "failpoint stall-in-split-check fired",
+            deadline,
+        )?;
+        role(&mut m).restart()?;
+        let s = m
+            .finish()
+            .map_err(|e| e.context(format!("{name} killed during a split table's read-back")))?;
+        assert_eq!(s["phase"], "done", "{name}: {s}");
+    }
+    Ok(())
+}

@@ -5,7 +5,7 @@
 mod common;
 
 use common::procs::{failure_line, haul};
-use common::two_clusters;
+use common::{compare_databases, two_clusters};
 
 /// Two key-split tables, a table without a key, a user type in an array (its OID differs on
 /// the target), and large objects.
@@ -314,6 +314,24 @@ fn copy_into(
         .output()?)
 }
 
+/// A clean copy of `big` that succeeded and verified its one table; its log.
+fn verified_clean(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", failure_line(out));
+    assert!(stdout.contains("verified   1 tables"), "{stdout}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A copy of `big` with a row deleted after commit, failed naming that one chunk.
+fn names_the_changed_chunk(out: &std::process::Output) {
+    let line = failure_line(out);
+    assert!(
+        line.contains("chunk(s) whose rows differ") && line.contains("public.big chunk"),
+        "{line}"
+    );
+    assert_eq!(line.matches("public.big chunk").count(), 1, "{line}");
+}
+
 /// A split table is read back whole once its last chunk is in, while the rest of the job
 /// copies. Finalize does not wait for that read before post-data: when it reaches the
 /// comparison it takes the read's result (waiting for it if need be) instead of reading the
@@ -333,11 +351,10 @@ fn finalize_uses_the_split_table_read_still_running_instead_of_reading_again() -
             ("HAUL_FAILPOINT_STALL_MS", "3000"),
         )
     };
-    let out = copy("clean", "stall-in-split-check")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", failure_line(&out));
-    assert!(stdout.contains("verified   1 tables"), "{stdout}");
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = verified_clean(&copy("clean", "stall-in-split-check")?);
+    // Equal by the independent comparison too, not only by haul's word.
+    let diffs = compare_databases(&source.url("db"), &target.url("clean"))?;
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
     let reads = log
         .lines()
         .filter(|l| l.contains("reading tables back whole on the target"))
@@ -349,13 +366,7 @@ fn finalize_uses_the_split_table_read_still_running_instead_of_reading_again() -
         "finalize started before the read ended and took its result:\n{log}"
     );
 
-    let out = copy("changed", "stall-in-split-check,alter-after-commit")?;
-    let line = failure_line(&out);
-    assert!(
-        line.contains("chunk(s) whose rows differ") && line.contains("public.big chunk"),
-        "{line}"
-    );
-    assert_eq!(line.matches("public.big chunk").count(), 1, "{line}");
+    names_the_changed_chunk(&copy("changed", "stall-in-split-check,alter-after-commit")?);
     Ok(())
 }
 
@@ -374,11 +385,7 @@ fn a_table_read_back_in_pieces_verifies_and_still_names_the_changed_chunk() -> a
             ("HAUL_READBACK_PIECE_PAGES", "8"),
         )
     };
-    let out = copy("clean", "")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", failure_line(&out));
-    assert!(stdout.contains("verified   1 tables"), "{stdout}");
-    let log = String::from_utf8_lossy(&out.stderr);
+    let log = verified_clean(&copy("clean", "")?);
     let pieces: u64 = log
         .lines()
         .find(|l| l.contains("reading tables back whole on the target"))
@@ -387,13 +394,7 @@ fn a_table_read_back_in_pieces_verifies_and_still_names_the_changed_chunk() -> a
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("the table was not read back at the end:\n{log}"));
     assert!(pieces > 10, "read back in {pieces} pieces");
-    let out = copy("changed", "alter-after-commit")?;
-    let line = failure_line(&out);
-    assert!(
-        line.contains("chunk(s) whose rows differ") && line.contains("public.big chunk"),
-        "{line}"
-    );
-    assert_eq!(line.matches("public.big chunk").count(), 1, "{line}");
+    names_the_changed_chunk(&copy("changed", "alter-after-commit")?);
     Ok(())
 }
 

@@ -356,6 +356,10 @@ pub struct Job {
     pub cap: crate::cap::CapState,
     /// Bytes done over time, for the dashboard's chart (memory only).
     pub history: History,
+    /// Chunks per table index, counted from `chunks` when their number last changed (memory
+    /// only): a lease of a split table says how many chunks the table has, without a scan of
+    /// every chunk per lease.
+    chunk_counts: (usize, Vec<u64>),
 }
 
 /// The most samples a job's history keeps.
@@ -390,6 +394,22 @@ impl History {
 }
 
 impl Job {
+    /// How many chunks table `table` (an index) has.
+    pub fn table_chunk_count(&mut self, table: usize) -> u64 {
+        if self.chunk_counts.0 != self.chunks.len()
+            || self.chunk_counts.1.len() != self.tables.len()
+        {
+            let mut counts = vec![0u64; self.tables.len()];
+            for c in &self.chunks {
+                if let Some(n) = counts.get_mut(c.table) {
+                    *n += 1;
+                }
+            }
+            self.chunk_counts = (self.chunks.len(), counts);
+        }
+        self.chunk_counts.1.get(table).copied().unwrap_or(0)
+    }
+
     pub fn new(id: String, options: Options) -> Job {
         Job {
             record: JobRecord {
@@ -430,6 +450,7 @@ impl Job {
             expiry_checked_ms: 0,
             cap: Default::default(),
             history: History::default(),
+            chunk_counts: (0, Vec::new()),
         }
     }
 
@@ -715,6 +736,26 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_chunk_counts_follow_the_chunks() {
+        let mut j = job_with(3);
+        for name in ["a", "b"] {
+            j.tables.push(TableInfo {
+                table: haul_core::ident::TableName::new("public", name),
+                columns: Vec::new(),
+                bytes: 10,
+            });
+        }
+        j.chunks[1].table = 1;
+        assert_eq!((j.table_chunk_count(0), j.table_chunk_count(1)), (2, 1));
+        assert_eq!(j.table_chunk_count(7), 0);
+        // The chunks change (they are set at planning, before any lease): counted afresh.
+        let mut more = j.chunks[1].clone();
+        more.id = 4;
+        j.chunks.push(more);
+        assert_eq!(j.table_chunk_count(1), 2);
+    }
 
     fn job_with(n: usize) -> Job {
         let mut j = Job::new(
