@@ -250,7 +250,8 @@ fn a_coordinator_restart_during_post_data_does_not_apply_it_twice() -> anyhow::R
 /// finalize reads the table itself.
 #[test]
 fn each_role_killed_during_a_split_table_read_back() -> anyhow::Result<()> {
-    let roles: [(&str, fn(&mut Move) -> &mut Agent); 3] = [
+    type Role = fn(&mut Move) -> &mut Agent;
+    let roles: [(&str, Role); 3] = [
         ("receiver", |m| &mut m.receiver),
         ("coordinator", |m| &mut m.coordinator),
         ("sender", |m| &mut m.sender),
