@@ -417,9 +417,7 @@ fn reverse_default_privileges(statement: &str) -> Option<String> {
             &body[to + " TO ".len()..]
         ));
     }
-    let at = rest
-        .find("REVOKE ")
-        .filter(|&i| i == 0 || rest[..i].ends_with(' '))?;
+    let at = word("REVOKE ")?;
     let (scope, body) = (&rest[..at], &rest[at + "REVOKE ".len()..]);
     let (body, option) = match body.strip_prefix("GRANT OPTION FOR ") {
         Some(b) => (b, " WITH GRANT OPTION"),
