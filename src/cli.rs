@@ -211,8 +211,8 @@ pub struct JobArgs {
     /// Chunks in flight per sender.
     #[arg(long)]
     pub jobs: Option<u32>,
-    /// auto (zstd:3), adaptive (experimental: each sender picks per block), zstd, zstd:LEVEL,
-    /// lz4 or none.
+    /// auto (each sender picks per block and per table, from the wire and its CPU), zstd,
+    /// zstd:LEVEL, lz4 or none. `adaptive` is an old name for auto.
     #[arg(long)]
     pub codec: Option<String>,
     /// TCP connections from each sender to each receiver, chunk streams spread over them

@@ -26,7 +26,7 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         .unwrap_or("auto")
         .parse()
         .map_err(|e: anyhow::Error| fatal(format!("--codec: {e}")))?;
-    let codec_auto = codec == CodecChoice::Adaptive;
+    let codec_auto = matches!(codec, CodecChoice::Auto | CodecChoice::Adaptive);
     let (codec, level) = codec.resolve().to_wire();
     let bwlimit = a.bwlimit.clone().unwrap_or_default();
     let schedule =

@@ -50,10 +50,11 @@ fn several_connections_fill_a_path_one_flow_cannot() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--codec adaptive` on a slow link: the streams wait on the wire far longer than they compress,
-/// so the sender climbs to a better ratio, and status says which codecs the chunks took.
+/// `--codec auto` (the default) on a slow link: the streams wait on the wire far longer than
+/// they compress, so the sender climbs to a better ratio, and status says which codecs the
+/// chunks took.
 #[test]
-fn codec_adaptive_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()> {
+fn codec_auto_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()> {
     let m = Move::new(Setup {
         bin: common::procs::HAUL.into(),
         link_to_receiver: true,
@@ -61,7 +62,6 @@ fn codec_adaptive_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()
         chunk_size: Some("1MB"),
         jobs: Some("2"),
         bwlimit: Some("0"),
-        codec: Some("adaptive"),
         drop_ledger: true,
         ..Default::default()
     })?;
@@ -74,6 +74,65 @@ fn codec_adaptive_climbs_to_a_better_ratio_on_a_slow_link() -> anyhow::Result<()
     assert!(
         codecs.contains("zstd:6") || codecs.contains("zstd:9"),
         "codecs used: {codecs}"
+    );
+    Ok(())
+}
+
+/// `--codec auto` judges each table on its own: a table of random bytes (already-compressed
+/// files, ciphertext) crosses uncompressed, so no CPU goes to compressing it, while the table
+/// beside it, which shrinks, is compressed.
+#[test]
+fn codec_auto_sends_a_table_that_does_not_compress_uncompressed() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixture = dir.path().join("random.sql");
+    // 6000 rows of 1 KB of md5 output decoded to bytes: as good as random to any codec.
+    std::fs::write(
+        &fixture,
+        "CREATE TABLE public.files (id int PRIMARY KEY, body bytea NOT NULL);\n\
+         INSERT INTO public.files SELECT g, (SELECT decode(string_agg(md5(random()::text || g || i), ''), 'hex') \
+         FROM generate_series(1, 64) AS i) FROM generate_series(1, 6000) AS g;\n",
+    )?;
+    let m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        fixture: Some(fixture),
+        bulk_mb: 6,
+        chunk_size: Some("64MB"),
+        bwlimit: Some("8MB"),
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    let end = m.finish()?;
+    let table = |name: &str| {
+        end["table_progress"]
+            .as_array()
+            .and_then(|ts| ts.iter().find(|t| t["table"] == name))
+            .map(|t| {
+                (
+                    t["raw_bytes_done"].as_u64().unwrap_or(0),
+                    t["wire_bytes_done"].as_u64().unwrap_or(0),
+                )
+            })
+            .unwrap_or_default()
+    };
+    let (files_raw, files_wire) = table("public.files");
+    let (bulk_raw, bulk_wire) = table("public.bulk");
+    assert!(files_raw > 6_000_000, "files moved {files_raw} raw bytes");
+    assert!(
+        bulk_wire * 3 < bulk_raw,
+        "the table that compresses crossed as {bulk_wire} of {bulk_raw} bytes"
+    );
+    let log = m.sender.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("does not compress") && l.contains("public.files")),
+        "the sender did not judge public.files:\n{log}"
+    );
+    let codecs = end["codecs"].as_str().unwrap_or_default();
+    assert!(codecs.contains("none"), "codecs used: {codecs}");
+    // What the judgement saves is CPU, not bytes: uncompressed, the table crosses at its size.
+    assert!(
+        files_wire <= files_raw + files_raw / 50,
+        "files crossed as {files_wire} of {files_raw} bytes"
     );
     Ok(())
 }

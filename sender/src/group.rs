@@ -57,7 +57,7 @@ pub async fn run(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!members.is_empty(), "group lease without members");
-    let codec = shared.codec_for(job_id, &options)?;
+    let codec = shared.codec_for(job_id, &options, &members[0].table.to_string())?;
 
     let fresh = !matches!(reader, Some(r) if r.job_id == lease.job_id && r.snapshot_id == lease.snapshot_id);
     if fresh {
@@ -236,6 +236,7 @@ async fn stream(
         let mut rows = shapes.get(i).and_then(|s| s.clone()).map(CopyDigest::new);
         let mut bytes = 0u64;
         let last = i + 1 == members.len();
+        let table_key = m.table.to_string();
         loop {
             let piece = out.next().await;
             let done = piece.is_none();
@@ -258,7 +259,7 @@ async fn stream(
                 let raw = block.split_to(block.len().min(size)).freeze();
                 hasher.update(&raw);
                 let raw_len = raw.len() as u32;
-                let codec = shared.codec_for(job_id, options)?;
+                let codec = shared.codec_for(job_id, options, &table_key)?;
                 let (payload, ns) = tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
                     codec
@@ -267,7 +268,12 @@ async fn stream(
                 })
                 .await
                 .context("compression task")??;
-                shared.tune_compress(job_id, raw_len as u64, ns);
+                shared.tune_compress(
+                    job_id,
+                    &table_key,
+                    codec,
+                    (raw_len as u64, payload.len() as u64, ns),
+                );
                 raw_bytes += raw_len as u64;
                 wire_bytes += payload.len() as u64;
                 blocks += 1;

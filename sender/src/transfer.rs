@@ -102,7 +102,7 @@ pub async fn run(
             st.snapshot_id.clone(),
         ),
         None => (
-            shared.codec_for(&lease.job_id, &options)?,
+            shared.codec_for(&lease.job_id, &options, &table.to_string())?,
             lease.snapshot_id.clone(),
         ),
     };
@@ -497,6 +497,8 @@ impl Read<'_> {
         mut out: Out<'_>,
     ) -> anyhow::Result<Streamed> {
         let table = self.table;
+        // The codec tuner judges each table's data on its own (`--codec auto`).
+        let table_key = table.to_string();
         let stream = copy_out(
             client,
             table,
@@ -574,7 +576,9 @@ impl Read<'_> {
                 }
                 let raw_len = raw.len() as u32;
                 // Compression and the row digest are CPU work: keep them off the async workers.
-                let codec = self.shared.codec_for(self.job_id, self.options)?;
+                let codec = self
+                    .shared
+                    .codec_for(self.job_id, self.options, &table_key)?;
                 let mut digesting = rows.take();
                 let (payload, digested, compress_ns) = tokio::task::spawn_blocking(move || {
                     if let Some(r) = digesting.as_mut() {
@@ -586,8 +590,12 @@ impl Read<'_> {
                 })
                 .await
                 .context("compression task")??;
-                self.shared
-                    .tune_compress(self.job_id, raw_len as u64, compress_ns);
+                self.shared.tune_compress(
+                    self.job_id,
+                    &table_key,
+                    codec,
+                    (raw_len as u64, payload.len() as u64, compress_ns),
+                );
                 rows = digested;
                 raw_bytes += raw_len as u64;
                 wire_bytes += payload.len() as u64;
@@ -740,7 +748,7 @@ pub(crate) async fn abandon(call: Upload, e: anyhow::Error, what: &str) -> anyho
 
 /// End a stream with its trailer and wait for the receiver's receipt (given after the target
 /// committed). The wait after the last block, less the receiver's restore, is the link's time
-/// (the window's worth still crossing, and the round trip): what `--codec adaptive` weighs.
+/// (the window's worth still crossing, and the round trip): what `--codec auto` weighs.
 pub(crate) async fn finish(
     shared: &Shared,
     job_id: &str,
@@ -833,7 +841,7 @@ pub(crate) async fn send_block(
     {
         anyhow::bail!("receiver closed the chunk stream early");
     }
-    // Time spent on the cap and the HTTP/2 window: what `--codec adaptive` weighs compression
+    // Time spent on the cap and the HTTP/2 window: what `--codec auto` weighs compression
     // against, told with the receipt (`finish`).
     sent.add(raw_len as u64, waited.elapsed().as_nanos() as u64);
     Ok(())

@@ -42,7 +42,7 @@ pub struct Shared {
     limiters: std::sync::Mutex<HashMap<String, Arc<Limiter>>>,
     /// Wire bytes sent for each job since the last renewal, which reports them.
     sent: std::sync::Mutex<HashMap<String, u64>>,
-    /// `--codec adaptive`: the codec choice for each job's next block here (`core::codec::Tuner`).
+    /// `--codec auto`: the codec choice for each job's next block here (`core::codec::Tuner`).
     pub tuners: std::sync::Mutex<HashMap<String, haul_core::codec::Tuner>>,
     /// Snapshots this sender exported, by job. Held until the job is finalized.
     snapshots: Mutex<HashMap<String, Arc<SnapshotHolder>>>,
@@ -98,8 +98,13 @@ impl Shared {
         self.snapshots.lock().await.get(job_id).cloned()
     }
 
+    /// The job's reading is over here: its snapshot goes, and with it the codec tuner's view
+    /// of the job's tables (a chunk leased again later starts a new one).
     pub async fn release_snapshot(&self, job_id: &str) {
         self.snapshots.lock().await.remove(job_id);
+        if let Ok(mut t) = self.tuners.lock() {
+            t.remove(job_id);
+        }
     }
 
     /// The limiter for a job's cap here, set to `bytes_per_sec` (this sender's share now).
@@ -115,26 +120,38 @@ impl Shared {
         l
     }
 
-    /// The codec for a job's next block: the job's own, or with `--codec adaptive` this sender's
-    /// current choice.
-    pub fn codec_for(&self, job_id: &str, options: &pb::JobOptions) -> anyhow::Result<Codec> {
+    /// The codec for the next block of a job's `table`: the job's own, or with `--codec auto`
+    /// this sender's current choice for that table.
+    pub fn codec_for(
+        &self,
+        job_id: &str,
+        options: &pb::JobOptions,
+        table: &str,
+    ) -> anyhow::Result<Codec> {
         if !options.codec_auto {
             return Codec::from_wire(options.codec, options.zstd_level);
         }
         Ok(self
             .tuners
             .lock()
-            .map(|mut t| t.entry(job_id.to_string()).or_default().codec())
+            .map(|mut t| t.entry(job_id.to_string()).or_default().codec_for(table))
             .unwrap_or(Codec::Zstd {
                 level: haul_core::codec::DEFAULT_ZSTD_LEVEL,
             }))
     }
 
-    /// Tell the job's tuner (`--codec adaptive`) that `raw` bytes took `ns` to compress.
-    pub fn tune_compress(&self, job_id: &str, raw: u64, ns: u64) {
+    /// Tell the job's tuner (`--codec auto`) that `raw` bytes of `table` took `ns` to become
+    /// `wire` bytes with `codec`.
+    pub fn tune_compress(
+        &self,
+        job_id: &str,
+        table: &str,
+        codec: Codec,
+        (raw, wire, ns): (u64, u64, u64),
+    ) {
         if let Ok(mut t) = self.tuners.lock() {
             if let Some(t) = t.get_mut(job_id) {
-                t.compressed(raw, ns);
+                t.compressed(table, codec, raw, wire, ns);
             }
         }
     }

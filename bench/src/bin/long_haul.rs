@@ -12,7 +12,7 @@
 //! Defaults: 1000 MB of table data (time series, events with text and jsonb, notes) and 400 MB
 //! of incompressible bytea; scenarios `loopback 100M-60ms 100M-150ms lfn` (the last is 1 Gbit/s,
 //! 150 ms, at most 50 Mbit/s per TCP connection), then `cap`. Figures from one run on a shared
-//! machine: compare ratios. `HAUL_BENCH_CODEC=adaptive` runs haul with that `--codec` and
+//! machine: compare ratios. `HAUL_BENCH_CODEC=zstd:3` runs haul with that `--codec` and
 //! prints its choices; `HAUL_BENCH_ARGS="--no-verify"` adds flags to `haul start`.
 
 use std::io::{BufRead, Write};
@@ -295,23 +295,18 @@ fn haul_move(
         )?);
     }
     let jobs = JOBS.to_string();
-    let mut start = vec![
-        "start",
-        "--coordinator",
-        &coord,
-        "--certs",
-        certs,
-        "--jobs",
-        &jobs,
-    ];
-    // HAUL_BENCH_CODEC: another --codec for haul (adaptive, say); its choices are printed.
+    let extra = std::env::var("HAUL_BENCH_ARGS").unwrap_or_default();
+    let mut start = vec!["start", "--coordinator", &coord, "--certs", certs];
+    if !extra.contains("--jobs") {
+        start.extend(["--jobs", &jobs]);
+    }
+    // HAUL_BENCH_CODEC: another --codec for haul (zstd:3, say); its choices are printed.
     let codec = std::env::var("HAUL_BENCH_CODEC").unwrap_or_default();
     if !codec.is_empty() {
         start.extend(["--codec", codec.as_str()]);
     }
     // HAUL_BENCH_ARGS: more `haul start` flags, split on spaces (`--no-verify`, say), to see
-    // what a part of haul costs.
-    let extra = std::env::var("HAUL_BENCH_ARGS").unwrap_or_default();
+    // what a part of haul costs; its `--jobs` or `--chunk-size` replace the bench's.
     start.extend(extra.split_whitespace());
     match cap {
         // The data that does not compress, in small chunks: both senders busy throughout.
@@ -323,6 +318,7 @@ fn haul_move(
             "--chunk-size",
             "4MB",
         ]),
+        None if extra.contains("--chunk-size") => {}
         None => start.extend(["--chunk-size", "64MB"]),
     }
     let t0 = Instant::now();

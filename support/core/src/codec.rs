@@ -5,6 +5,7 @@
 //! frame's declared raw length and never more than [`crate::MAX_BLOCK_BYTES`]: a hostile or
 //! corrupt frame cannot make a receiver allocate without bound.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -19,10 +20,9 @@ pub enum Codec {
     Lz4,
 }
 
-/// The codec an operator asked for. `auto` (the default) is zstd:3, which beat the tuner on
-/// the long_haul bench so far. `adaptive` (experimental) lets each sender choose per block
-/// ([`Tuner`]), starting at zstd:3; a receiver needs no level to decode, and every block names
-/// its codec, so the choice is the sender's alone.
+/// The codec an operator asked for. `auto` (the default) lets each sender choose per block
+/// ([`Tuner`]), starting at zstd:3; `adaptive` is the older name for it. A receiver needs no level
+/// to decode, and every block names its codec, so the choice is the sender's alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodecChoice {
     Auto,
@@ -56,9 +56,7 @@ impl FromStr for CodecChoice {
                     .with_context(|| format!("zstd level {l:?} is not a number from 1 to 19"))?;
                 Codec::Zstd { level }
             }
-            _ => bail!(
-                "unknown codec {s:?}: use auto, adaptive, zstd, zstd:LEVEL (1-19), lz4 or none"
-            ),
+            _ => bail!("unknown codec {s:?}: use auto, zstd, zstd:LEVEL (1-19), lz4 or none"),
         };
         Ok(CodecChoice::Fixed(codec))
     }
@@ -147,7 +145,7 @@ pub fn decode(codec: Codec, payload: &[u8], raw_len: usize) -> anyhow::Result<Ve
     Ok(out)
 }
 
-/// The codecs one chunk's blocks took, with the raw bytes each carried: with `--codec adaptive` the
+/// The codecs one chunk's blocks took, with the raw bytes each carried: with `--codec auto` the
 /// choice is made per block, so a chunk can start with one codec and end with another.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CodecMix(Vec<(Codec, u64)>);
@@ -172,7 +170,7 @@ impl CodecMix {
     }
 }
 
-/// The codecs `--codec adaptive` chooses among, from cheapest to best ratio.
+/// The codecs `--codec auto` chooses among, from cheapest to best ratio.
 pub const LADDER: [Codec; 6] = [
     Codec::None,
     Codec::Lz4,
@@ -185,13 +183,27 @@ pub const LADDER: [Codec; 6] = [
 /// Raw bytes observed between two decisions.
 const TUNER_WINDOW: u64 = 8 << 20;
 
-/// `--codec adaptive`: one sender's choice of codec for a job's next block, from what its streams
-/// spend per raw byte compressing (CPU) against waiting to send (the link, or the cap). A
-/// stream that waits on the wire much longer than it compresses has CPU to spare for a better
-/// ratio, which makes fewer bytes to wait for: one step up the ladder. One that compresses
-/// much longer than it waits is held back by the CPU: one step down. In between it stays, so
-/// on a fast link it settles on a cheap codec (or none), and on a slow one on the best ratio
-/// the CPU keeps up with. Observations come from every stream of the job on this sender.
+/// Raw bytes of one table, compressed, on which the tuner judges whether the table compresses.
+const SAMPLE_RAW: u64 = 1 << 20;
+
+/// A table whose compressed blocks come out at least this share of their raw size does not
+/// compress: already-compressed files, random keys, ciphertext. Compressing it only burns CPU.
+const INCOMPRESSIBLE: f64 = 0.95;
+
+/// Of a table that does not compress, one block in this many still takes the ladder's codec, so
+/// a table whose later rows do compress is noticed.
+const PROBE_EVERY: u32 = 32;
+
+/// `--codec auto` (the default): one sender's choice of codec for a job's next block, from
+/// what its streams spend per raw byte compressing (CPU) against waiting to send (the link, or
+/// the cap). A stream that waits on the wire much longer than it compresses has CPU to spare
+/// for a better ratio, which makes fewer bytes to wait for: one step up the ladder. One that
+/// compresses much longer than it waits is held back by the CPU: one step down. In between it
+/// stays, so on a fast link it settles on a cheap codec (or none), and on a slow one on the
+/// best ratio the CPU keeps up with. Observations come from every stream of the job on this
+/// sender. Apart from the ladder, each table is judged on a sample of its blocks: a table whose
+/// data does not compress goes `none` whatever the ladder says, except one probe block in
+/// [`PROBE_EVERY`], so the CPU goes to data that shrinks.
 #[derive(Debug, Clone)]
 pub struct Tuner {
     step: usize,
@@ -205,6 +217,19 @@ pub struct Tuner {
     /// A chunk has been seen through to its receipt. Until then the windows and queues along
     /// the path take whatever is sent without a wait, which says nothing about the link.
     settled: bool,
+    /// Each table's compressibility, by name: a few dozen bytes a table.
+    tables: HashMap<String, Compressibility>,
+}
+
+/// What one table's compressed blocks came to, since the last judgement.
+#[derive(Debug, Clone, Default)]
+struct Compressibility {
+    raw: u64,
+    wire: u64,
+    /// The last sample did not compress: blocks go `none`, but for probes.
+    incompressible: bool,
+    /// Blocks sent `none` since the last probe.
+    since_probe: u32,
 }
 
 impl Default for Tuner {
@@ -218,18 +243,71 @@ impl Default for Tuner {
             send_ns: 0,
             changes: 0,
             settled: false,
+            tables: HashMap::new(),
         }
     }
 }
 
 impl Tuner {
-    /// The codec for the next block.
+    /// The ladder's codec: what the next block of a table that compresses takes.
     pub fn codec(&self) -> Codec {
         LADDER[self.step]
     }
 
-    /// `raw` bytes took `ns` to compress.
-    pub fn compressed(&mut self, raw: u64, ns: u64) {
+    /// The codec for the next block of `table`.
+    pub fn codec_for(&mut self, table: &str) -> Codec {
+        let ladder = self.codec();
+        if ladder == Codec::None {
+            return ladder;
+        }
+        match self.tables.get_mut(table) {
+            Some(t) if t.incompressible => {
+                t.since_probe += 1;
+                if t.since_probe >= PROBE_EVERY {
+                    t.since_probe = 0;
+                    ladder
+                } else {
+                    Codec::None
+                }
+            }
+            _ => ladder,
+        }
+    }
+
+    /// Whether `table` was last judged not to compress.
+    pub fn incompressible(&self, table: &str) -> bool {
+        self.tables.get(table).is_some_and(|t| t.incompressible)
+    }
+
+    /// `raw` bytes of `table` took `ns` to become `wire` bytes with `codec`.
+    pub fn compressed(&mut self, table: &str, codec: Codec, raw: u64, wire: u64, ns: u64) {
+        if codec != Codec::None {
+            let t = match self.tables.get_mut(table) {
+                Some(t) => t,
+                None => self.tables.entry(table.to_string()).or_default(),
+            };
+            t.raw += raw;
+            t.wire += wire;
+            if t.raw >= SAMPLE_RAW {
+                let now = t.wire as f64 >= INCOMPRESSIBLE * t.raw as f64;
+                if now != t.incompressible {
+                    tracing::info!(
+                        table,
+                        ratio = t.raw as f64 / t.wire.max(1) as f64,
+                        "{}",
+                        if now {
+                            "table does not compress: its blocks go uncompressed (--codec auto)"
+                        } else {
+                            "table compresses again (--codec auto)"
+                        }
+                    );
+                }
+                *t = Compressibility {
+                    incompressible: now,
+                    ..Compressibility::default()
+                };
+            }
+        }
         self.compressed_raw += raw;
         self.compress_ns += ns;
         self.decide();
@@ -246,7 +324,7 @@ impl Tuner {
         self.decide();
     }
 
-    /// How many times the choice changed.
+    /// How many times the ladder's choice changed.
     pub fn changes(&self) -> u64 {
         self.changes
     }
@@ -272,15 +350,13 @@ impl Tuner {
                 to = %LADDER[self.step],
                 compress_ns_per_byte = c,
                 wait_ns_per_byte = s,
-                "codec choice changed (--codec adaptive)"
+                "codec choice changed (--codec auto)"
             );
         }
-        *self = Tuner {
-            step: self.step,
-            changes: self.changes,
-            settled: true,
-            ..Tuner::default()
-        };
+        self.compressed_raw = 0;
+        self.compress_ns = 0;
+        self.sent_raw = 0;
+        self.send_ns = 0;
     }
 }
 
@@ -307,7 +383,7 @@ mod tests {
         // Before any chunk has gone all the way, sends that did not wait prove nothing.
         for _ in 0..64 {
             t.sent(1 << 20, 1_000);
-            t.compressed(1 << 20, 3_000_000);
+            t.compressed("t", t.codec(), 1 << 20, 1 << 18, 3_000_000);
         }
         assert_eq!((t.codec(), t.changes()), (Codec::Zstd { level: 3 }, 0));
         // The first chunk's receipt: the wait for its last bytes to cross.
@@ -315,13 +391,13 @@ mod tests {
         // A slow link: each 1 MiB block waits 50 ms to be sent, compresses in 3 ms.
         for _ in 0..64 {
             t.sent(1 << 20, 50_000_000);
-            t.compressed(1 << 20, 3_000_000);
+            t.compressed("t", t.codec(), 1 << 20, 1 << 18, 3_000_000);
         }
         assert_eq!(t.codec(), Codec::Zstd { level: 9 }, "top of the ladder");
         // A fast link: no waiting at all; compression is all the time there is.
         for _ in 0..64 {
             t.sent(1 << 20, 10_000);
-            t.compressed(1 << 20, 3_000_000);
+            t.compressed("t", t.codec(), 1 << 20, 1 << 18, 3_000_000);
         }
         assert_eq!(t.codec(), Codec::None);
         // Balanced: it stays where it is.
@@ -329,19 +405,46 @@ mod tests {
         let changes = t.changes();
         for _ in 0..64 {
             t.sent(1 << 20, 3_000_000);
-            t.compressed(1 << 20, 2_000_000);
+            t.compressed("t", t.codec(), 1 << 20, 1 << 18, 2_000_000);
         }
         assert_eq!((t.codec(), t.changes()), (at, changes));
         // A staged chunk: all of it compressed first, then all of it sent, slowly.
         let mut t = Tuner::default();
         t.sent(0, 0);
         for _ in 0..16 {
-            t.compressed(1 << 20, 3_000_000);
+            t.compressed("t", t.codec(), 1 << 20, 1 << 18, 3_000_000);
         }
         for _ in 0..16 {
             t.sent(1 << 20, 40_000_000);
         }
         assert_eq!(t.codec(), Codec::Zstd { level: 6 });
+    }
+
+    #[test]
+    fn a_table_that_does_not_compress_goes_uncompressed_but_for_probes() {
+        let mut t = Tuner::default();
+        let zstd3 = Codec::Zstd { level: 3 };
+        // A table of already-compressed files: a sample of it at zstd:3 saves nothing.
+        assert_eq!(t.codec_for("files"), zstd3);
+        t.compressed("files", zstd3, 1 << 20, (1 << 20) + 40, 4_000_000);
+        assert!(t.incompressible("files"));
+        // Its blocks now go uncompressed, but one in PROBE_EVERY still tries the ladder.
+        let picks: Vec<Codec> = (0..PROBE_EVERY * 2).map(|_| t.codec_for("files")).collect();
+        let probes = picks.iter().filter(|c| **c == zstd3).count();
+        assert_eq!(probes, 2, "{picks:?}");
+        assert_eq!(picks.len() - probes, (PROBE_EVERY as usize - 1) * 2);
+        // Another table is not touched by that judgement.
+        assert_eq!(t.codec_for("series"), zstd3);
+        t.compressed("series", zstd3, 1 << 20, 1 << 17, 4_000_000);
+        assert!(!t.incompressible("series"));
+        assert_eq!(t.codec_for("series"), zstd3);
+        // A probe that finds the table compressing again ends the judgement.
+        t.compressed("files", zstd3, 1 << 20, 1 << 18, 4_000_000);
+        assert!(!t.incompressible("files"));
+        assert_eq!(t.codec_for("files"), zstd3);
+        // Blocks sent uncompressed say nothing of a table's data.
+        t.compressed("other", Codec::None, 4 << 20, 4 << 20, 10_000);
+        assert!(!t.incompressible("other"));
     }
 
     fn sample() -> Vec<u8> {
