@@ -72,6 +72,9 @@ pub fn job_options(a: &JobArgs) -> anyhow::Result<pb::JobOptions> {
         no_privileges: a.no_privileges,
         create_roles: a.roles,
         role_passwords: a.role_passwords,
+        // Set by `start --follow` (see `follow_options`).
+        follow: false,
+        replica_identity_full: false,
     })
 }
 

@@ -78,6 +78,11 @@ pub struct Options {
     pub schemas: Vec<String>,
     #[serde(default)]
     pub exclude_schemas: Vec<String>,
+    /// `--follow`: after the bulk copy, the slot's changes are applied until cutover.
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default)]
+    pub replica_identity_full: bool,
 }
 
 impl From<&haul_proto::JobOptions> for Options {
@@ -102,6 +107,8 @@ impl From<&haul_proto::JobOptions> for Options {
             exclude_tables: o.exclude_tables.clone(),
             schemas: o.schemas.clone(),
             exclude_schemas: o.exclude_schemas.clone(),
+            follow: o.follow,
+            replica_identity_full: o.replica_identity_full,
         }
     }
 }
@@ -128,6 +135,8 @@ impl Options {
             exclude_tables: self.exclude_tables.clone(),
             schemas: self.schemas.clone(),
             exclude_schemas: self.exclude_schemas.clone(),
+            follow: self.follow,
+            replica_identity_full: self.replica_identity_full,
         }
     }
 

@@ -84,3 +84,169 @@ pub async fn apply_transaction(
         }
     }
 }
+
+/// What applying one batch of source transactions did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchApplied {
+    /// The job's follow position after the batch.
+    pub position: Lsn,
+    pub applied: u32,
+    pub skipped: u32,
+    pub statements: u64,
+}
+
+/// Statements are sent to the target in runs of about this many bytes: one round trip for
+/// many small changes, and bounded memory for a transaction of any size.
+const RUN_BYTES: usize = 256 * 1024;
+
+/// Apply one batch (`core::change_batch`, in the blocks of `frames` after the header) in one
+/// target transaction with the job's follow position. A transaction at or below the position
+/// already recorded is skipped, so a batch sent again after any crash applies nothing twice;
+/// the raw bytes' blake3 must equal the trailer's before anything commits. `client` must not
+/// be in a transaction.
+pub async fn apply_batch<S>(
+    client: &Client,
+    job_id: &str,
+    frames: S,
+) -> anyhow::Result<BatchApplied>
+where
+    S: futures::Stream<Item = anyhow::Result<haul_proto::ChangeFrame>> + Unpin,
+{
+    client
+        .batch_execute("BEGIN")
+        .await
+        .context("begin a followed batch")?;
+    let result = apply_in_transaction(client, job_id, frames).await;
+    match result {
+        Ok(done) => {
+            client
+                .batch_execute("COMMIT")
+                .await
+                .context("commit a followed batch")?;
+            Ok(done)
+        }
+        Err(e) => {
+            client.batch_execute("ROLLBACK").await.ok();
+            Err(e)
+        }
+    }
+}
+
+async fn apply_in_transaction<S>(
+    client: &Client,
+    job_id: &str,
+    mut frames: S,
+) -> anyhow::Result<BatchApplied>
+where
+    S: futures::Stream<Item = anyhow::Result<haul_proto::ChangeFrame>> + Unpin,
+{
+    use futures::StreamExt;
+    use haul_core::change_batch::{Decoder, Record};
+    use haul_proto::change_frame::Frame;
+
+    // The row lock orders two appliers of one job (a sender restarted while its old batch is
+    // still being applied): the second waits, then skips what the first committed.
+    client
+        .execute(
+            "INSERT INTO haul.follow_position (job_id, lsn) VALUES ($1, '0/0') \
+             ON CONFLICT (job_id) DO NOTHING",
+            &[&job_id],
+        )
+        .await
+        .context("record the job in haul.follow_position")?;
+    let at: String = client
+        .query_one(
+            "SELECT lsn::text FROM haul.follow_position WHERE job_id = $1 FOR UPDATE",
+            &[&job_id],
+        )
+        .await
+        .context("read haul.follow_position")?
+        .get(0);
+    let recorded: Lsn = at.parse()?;
+    let mut done = BatchApplied {
+        position: recorded,
+        ..BatchApplied::default()
+    };
+    let mut decoder = Decoder::default();
+    let mut hasher = blake3::Hasher::new();
+    let mut raw_bytes = 0u64;
+    let (mut skipping, mut current) = (false, Lsn(0));
+    let mut run = String::new();
+    let flush = |run: &mut String, current: Lsn| {
+        let sql = std::mem::take(run);
+        async move {
+            if sql.is_empty() {
+                return anyhow::Ok(());
+            }
+            client.batch_execute(&sql).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "apply the source transaction at {current} on the target: {}",
+                    db_error_line(&e)
+                )
+            })
+        }
+    };
+    loop {
+        let frame = frames
+            .next()
+            .await
+            .context("the change batch ended before its trailer")??;
+        match frame.frame {
+            Some(Frame::Block(b)) => {
+                let codec = haul_core::codec::Codec::from_wire(
+                    b.codec.context("a change block names no codec")?,
+                    0,
+                )?;
+                let raw = haul_core::codec::decode(codec, &b.payload, b.raw_len as usize)?;
+                hasher.update(&raw);
+                raw_bytes += raw.len() as u64;
+                for record in decoder.push(&raw)? {
+                    match record {
+                        Record::Begin { commit_lsn, .. } => {
+                            current = Lsn(commit_lsn);
+                            skipping = current <= recorded;
+                            if skipping {
+                                done.skipped += 1;
+                            } else {
+                                done.applied += 1;
+                                done.position = done.position.max(current);
+                            }
+                        }
+                        Record::Statement(sql) if !skipping => {
+                            run.push_str(&sql);
+                            run.push_str(";\n");
+                            done.statements += 1;
+                            if run.len() >= RUN_BYTES {
+                                flush(&mut run, current).await?;
+                            }
+                        }
+                        Record::Statement(_) => {}
+                        Record::End => flush(&mut run, current).await?,
+                    }
+                }
+            }
+            Some(Frame::Trailer(t)) => {
+                decoder.finish()?;
+                anyhow::ensure!(
+                    t.raw_bytes == raw_bytes && t.digest == hasher.finalize().as_bytes().as_slice(),
+                    "the change batch's blake3 does not match its trailer ({raw_bytes} bytes arrived, {} sent): nothing of it was applied",
+                    t.raw_bytes
+                );
+                break;
+            }
+            Some(Frame::Header(_)) => anyhow::bail!("a change batch carries a second header"),
+            None => anyhow::bail!("an empty frame in a change batch"),
+        }
+    }
+    if done.applied > 0 {
+        client
+            .execute(
+                "UPDATE haul.follow_position SET lsn = $2::text::pg_lsn, applied_at = now() \
+                 WHERE job_id = $1",
+                &[&job_id, &done.position.to_string()],
+            )
+            .await
+            .context("record the followed position in haul.follow_position")?;
+    }
+    Ok(done)
+}

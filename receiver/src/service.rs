@@ -234,9 +234,53 @@ impl Receiver for ReceiverService {
             .map_err(to_status)?;
         Ok(Response::new(pb::ReadSequencesReply { values }))
     }
+
+    async fn apply_changes(
+        &self,
+        req: Request<Streaming<pb::ChangeFrame>>,
+    ) -> Result<Response<pb::ChangeReceipt>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        self.apply_changes_inner(req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(to_status)
+    }
 }
 
 impl ReceiverService {
+    /// A batch of followed source transactions: applied in one target transaction, once.
+    async fn apply_changes_inner(
+        &self,
+        mut frames: Streaming<pb::ChangeFrame>,
+    ) -> anyhow::Result<pb::ChangeReceipt> {
+        let first = frames
+            .next()
+            .await
+            .context("change batch ended before its header")?
+            .map_err(|s| anyhow::anyhow!("receive change batch: {}", s.message()))?;
+        let Some(pb::change_frame::Frame::Header(header)) = first.frame else {
+            anyhow::bail!("a change batch must start with its header");
+        };
+        self.inner.refuse_cancelled(&header.job_id)?;
+        let client = self.inner.pool.get().await?;
+        let frames =
+            frames.map(|f| f.map_err(|s| anyhow::anyhow!("receive change batch: {}", s.message())));
+        let done = crate::follow::apply_batch(&client, &header.job_id, frames).await?;
+        tracing::debug!(
+            job = %header.job_id,
+            position = %done.position,
+            applied = done.applied,
+            skipped = done.skipped,
+            "change batch applied"
+        );
+        Ok(pb::ChangeReceipt {
+            position: done.position.0,
+            applied: done.applied,
+            skipped: done.skipped,
+            statements: done.statements,
+        })
+    }
+
     async fn put_schema_inner(
         &self,
         mut parts: Streaming<pb::SchemaPart>,

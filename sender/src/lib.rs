@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod compare;
 mod dump;
 mod finalize;
+pub mod follow;
 mod group;
 mod peers;
 mod plan;

@@ -398,13 +398,20 @@ impl Replication {
     /// Tell the source that everything up to `applied` is applied (written, flushed and
     /// applied on the target): the slot may let go of the WAL before it.
     pub async fn confirm(&mut self, applied: Lsn) -> anyhow::Result<()> {
+        self.status(applied, false).await
+    }
+
+    /// A standby status update at `applied`; with `reply`, the source answers with a
+    /// keepalive at once, which tells how far it has sent (a follower waiting to reach a
+    /// position on an idle source asks this way instead of waiting for the next keepalive).
+    pub async fn status(&mut self, applied: Lsn, reply: bool) -> anyhow::Result<()> {
         let mut m = Vec::with_capacity(34);
         m.push(b'r');
         for _ in 0..3 {
             m.extend_from_slice(&applied.0.to_be_bytes());
         }
         m.extend_from_slice(&now_pg_micros().to_be_bytes());
-        m.push(0);
+        m.push(u8::from(reply));
         frontend::CopyData::new(&m[..])?.write(&mut self.write);
         self.flush().await
     }

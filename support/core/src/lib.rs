@@ -5,6 +5,7 @@
 //! sender and receiver both need, so that both ends of the wire agree by construction.
 
 pub mod bandwidth;
+pub mod change_batch;
 pub mod change_sql;
 pub mod chunk;
 pub mod chunk_rows;

@@ -106,6 +106,8 @@ pub struct Move {
     _dir: tempfile::TempDir,
     pub coord: String,
     pub certs: String,
+    /// The address the receiver advertises (through the link, when there is one).
+    pub receiver_addr: String,
     pub coordinator: Agent,
     pub receiver: Agent,
     pub sender: Agent,
@@ -265,6 +267,7 @@ impl Move {
             _dir: dir,
             coord,
             certs,
+            receiver_addr: advertise.clone(),
             coordinator,
             receiver,
             sender,
@@ -381,7 +384,13 @@ impl Move {
 /// Two clusters (source and target), started side by side.
 pub fn two_clusters() -> anyhow::Result<(Cluster, Cluster)> {
     let (a, b) = std::thread::scope(|s| {
-        let a = s.spawn(|| Cluster::start(ClusterOptions::default()));
+        // The source can be followed: logical decoding needs wal_level = logical.
+        let a = s.spawn(|| {
+            Cluster::start(ClusterOptions {
+                extra_conf: vec![("wal_level".into(), "logical".into())],
+                ..Default::default()
+            })
+        });
         let b = s.spawn(|| Cluster::start(ClusterOptions::default()));
         (a.join(), b.join())
     });
