@@ -59,6 +59,10 @@ pub enum Command {
     /// Cancel a job for good: its leases are revoked and what it wrote to the target is undone,
     /// so the target is as the preflight found it; prints what was undone and anything left.
     Cancel(CancelArgs),
+    /// End a --follow job, once the application's writes to the source are stopped: apply
+    /// everything up to the source's current position, set the sequences, verify, drop the
+    /// slot, publication and ledger.
+    Cutover(CutoverArgs),
     /// A dry run: what a move with these flags would do (tables, chunks in order, what the
     /// preflight would refuse, an estimate), writing nothing anywhere.
     Plan(PlanArgs),
@@ -281,6 +285,29 @@ pub struct StartArgs {
     /// Follow progress until the job ends.
     #[arg(long)]
     pub wait: bool,
+    /// After the bulk copy, keep applying the source's changes (from a logical replication
+    /// slot whose snapshot the copy reads) until `haul cutover`. Needs wal_level = logical on
+    /// the source and a source user with REPLICATION that owns the tables.
+    #[arg(long)]
+    pub follow: bool,
+    /// With --follow: give tables without a primary key or replica identity REPLICA IDENTITY
+    /// FULL on the source (else the job refuses them, as publishing them would make the
+    /// source's own UPDATE and DELETE on them fail).
+    #[arg(long, requires = "follow")]
+    pub replica_identity_full: bool,
+}
+
+#[derive(Args, Debug, Default)]
+pub struct CutoverArgs {
+    #[command(flatten)]
+    pub steer: SteerArgs,
+    /// Wait until the target has caught up, is verified and the job is done, then print the
+    /// final lag, the verification result and how long writes were stopped.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up waiting after this long (e.g. 10m); the cutover goes on.
+    #[arg(long, value_name = "DURATION", requires = "wait")]
+    pub timeout: Option<String>,
 }
 
 #[derive(Args, Debug, Default)]

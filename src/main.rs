@@ -39,6 +39,7 @@ fn main() -> ExitCode {
         | Command::Pause(_)
         | Command::Resume(_)
         | Command::Cancel(_)
+        | Command::Cutover(_)
         | Command::Certs(_) => "warn",
         _ => "info",
     };
@@ -148,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(a) => operator::steer(a, haul_proto::Steer::Pause).await,
         Command::Resume(a) => operator::steer(a, haul_proto::Steer::Resume).await,
         Command::Cancel(a) => operator::cancel(a).await,
+        Command::Cutover(a) => operator::cutover(a).await,
         Command::Copy(a) => copy::run(a, shutdown).await,
         Command::Plan(a) => plan::run(a).await,
         Command::Verify(a) => verify::run(a).await,

@@ -15,7 +15,7 @@ use haul_proto::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
 use crate::agents::{load_tls, parse_dial, required};
-use crate::cli::{BwlimitArgs, CancelArgs, JobArgs, StartArgs, StatusArgs, SteerArgs};
+use crate::cli::{BwlimitArgs, CancelArgs, CutoverArgs, JobArgs, StartArgs, StatusArgs, SteerArgs};
 
 pub const DEFAULT_CHUNK: &str = "256MB";
 
@@ -109,7 +109,9 @@ pub async fn client(coordinator: &str, certs: &Path) -> anyhow::Result<Coordinat
 pub async fn start(a: StartArgs) -> anyhow::Result<ExitCode> {
     let coordinator = parse_dial(&required(a.coordinator, "coordinator")?, "coordinator")?;
     let certs = required(a.certs, "certs")?;
-    let options = job_options(&a.job)?;
+    let mut options = job_options(&a.job)?;
+    options.follow = a.follow;
+    options.replica_identity_full = a.replica_identity_full;
     let mut c = client(&coordinator, &certs).await?;
     let job_id = start_job(&mut c, options).await?;
     println!("started {job_id}");
@@ -162,6 +164,72 @@ pub async fn steer(a: SteerArgs, steer: pb::Steer) -> anyhow::Result<ExitCode> {
         println!("job {}: resumed ({})", r.job_id, r.phase);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A following job's state for `status --json`.
+fn follow_json(f: &pb::FollowStatus) -> serde_json::Value {
+    serde_json::json!({
+        "slot": f.slot, "publication": f.publication, "applied_lsn": f.applied_lsn,
+        "source_lsn": f.source_lsn, "apply_rate": f.apply_rate, "transactions": f.transactions,
+        "retained_bytes": f.retained_bytes, "warning": f.warning, "cutover": f.cutover,
+        "cutover_lsn": f.cutover_lsn, "writes_stopped_secs": f.writes_stopped_secs,
+        "identity_full": f.identity_full, "cutover_pieces": f.cutover_pieces,
+        "cutover_sequences": f.cutover_sequences,
+    })
+}
+
+/// `haul cutover`: the operator has stopped the application's writes; the job's follower
+/// catches up with the source's position, sets the sequences, compares source and target and
+/// drops the slot, publication and ledger. With `--wait`, this follows it to the end.
+pub async fn cutover(a: CutoverArgs) -> anyhow::Result<ExitCode> {
+    let coordinator = parse_dial(
+        &required(a.steer.coordinator, "coordinator")?,
+        "coordinator",
+    )?;
+    let certs = required(a.steer.certs, "certs")?;
+    let timeout = a
+        .timeout
+        .as_deref()
+        .map(|t| {
+            humantime::parse_duration(t).map_err(|e| {
+                fatal(format!(
+                    "--timeout {t:?}: {e}; use a duration such as 90s or 10m"
+                ))
+            })
+        })
+        .transpose()?;
+    let mut c = client(&coordinator, &certs).await?;
+    let r = c
+        .steer_job(pb::SteerJobRequest {
+            job_id: a.steer.job.unwrap_or_default(),
+            steer: pb::Steer::Cutover as i32,
+            keep_target: false,
+        })
+        .await
+        .map_err(|s| fatal(s.message().to_string()))?
+        .into_inner();
+    println!(
+        "job {}: cutting over ({}); the target catches up with the source's position now",
+        r.job_id, r.phase
+    );
+    if !a.wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let end = match timeout {
+        Some(t) => match tokio::time::timeout(t, follow(&mut c, &r.job_id)).await {
+            Ok(end) => end?,
+            Err(_) => {
+                return Err(fatal(format!(
+                    "job {}: cutover not finished after {}; it goes on (haul status shows it)",
+                    r.job_id,
+                    humantime::format_duration(t)
+                )))
+            }
+        },
+        None => follow(&mut c, &r.job_id).await?,
+    };
+    print_summary(&end);
+    Ok(exit_code(&end))
 }
 
 /// `haul cancel`: the coordinator revokes the job's leases and has a sender carry its undo to
@@ -435,6 +503,28 @@ pub fn progress_line(s: &pb::JobStatusReply) -> String {
             show_rate(s.cap_bytes_per_sec)
         ));
     }
+    if let Some(f) = s.follow.as_ref().filter(|_| s.phase == "following") {
+        line = format!(
+            "{} {:<10} lag {} ({:.1} s)  applied {} of {}  {:.1} tx/s  {} transactions  slot holds {}{}",
+            s.job_id,
+            phase,
+            human_bytes(f.lag_bytes),
+            f.lag_seconds,
+            f.applied_lsn,
+            f.source_lsn,
+            f.apply_rate,
+            f.transactions,
+            human_bytes(f.retained_bytes),
+            if f.cutover {
+                format!("  cutting over to {}", f.cutover_lsn)
+            } else {
+                String::new()
+            }
+        );
+        if !f.warning.is_empty() {
+            line.push_str(&format!("  WARNING {}", f.warning));
+        }
+    }
     if !s.error.is_empty() && s.phase != "failed" {
         line.push_str(&format!("  ({})", s.error));
     }
@@ -470,6 +560,46 @@ pub fn print_summary(s: &pb::JobStatusReply) {
         );
     }
     println!("time       {:.1} s", s.elapsed_secs);
+    if let Some(f) = &s.follow {
+        println!(
+            "following  slot {} and publication {}; {} transactions applied, up to {}",
+            f.slot, f.publication, f.transactions, f.applied_lsn
+        );
+        if !f.identity_full.is_empty() {
+            println!(
+                "identity   set REPLICA IDENTITY FULL on the source: {}",
+                f.identity_full.join(", ")
+            );
+        }
+        if s.phase == "following" {
+            println!(
+                "lag        {} ({:.1} s) behind the source at {}; {:.1} transactions/s",
+                human_bytes(f.lag_bytes),
+                f.lag_seconds,
+                f.source_lsn,
+                f.apply_rate
+            );
+        }
+        if f.cutover && (s.phase == "done" || s.phase == "failed") {
+            println!(
+                "cutover    caught up to {} (lag 0); writes were stopped for {:.1} s, from the cutover request to the end",
+                f.cutover_lsn, f.writes_stopped_secs
+            );
+        }
+        if f.cutover && s.phase == "done" {
+            if s.verified {
+                println!(
+                    "cutover    after catching up: {} pieces compared, equal on source and target; {} sequences set from the source",
+                    f.cutover_pieces, f.cutover_sequences
+                );
+            } else {
+                println!(
+                    "cutover    after catching up: not compared (--no-verify); {} sequences set from the source",
+                    f.cutover_sequences
+                );
+            }
+        }
+    }
     if s.phase == "done" {
         if s.verified {
             let objects = if s.large_objects_checked > 0 {
@@ -614,6 +744,9 @@ pub fn to_json(s: &pb::JobStatusReply) -> String {
         "table_progress": tables, "mismatches": mismatches,
         "cap_bytes_per_sec": s.cap_bytes_per_sec, "cap": s.cap, "wire_rate": s.wire_rate,
         "codecs": s.codecs,
+        "lag_seconds": s.follow.as_ref().map(|f| f.lag_seconds),
+        "lag_bytes": s.follow.as_ref().map(|f| f.lag_bytes),
+        "follow": s.follow.as_ref().map(follow_json),
         "paused": s.paused, "retries": s.retries,
         "undone": s.undone, "left": s.left,
     })

@@ -250,3 +250,193 @@ fn changes_of_every_kind_reach_the_target_once() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Poll the job's status until `phase` (or the job is over), for at most `secs`.
+fn wait_for_phase(m: &Move, phase: &str, secs: u64) -> anyhow::Result<serde_json::Value> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(s) = m.status() {
+            let now = s["phase"].as_str().unwrap_or_default().to_string();
+            if now == phase || ["done", "failed", "cancelled"].contains(&now.as_str()) {
+                return Ok(s);
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the job did not reach {phase} in {secs} s: {:?}\ncoordinator:\n{}\nsender:\n{}\nreceiver:\n{}",
+            m.status(),
+            m.coordinator.log_text(),
+            m.sender.log_text(),
+            m.receiver.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn slots_and_publications(m: &Move) -> anyhow::Result<String> {
+    m.source.psql(
+        DB,
+        "SELECT (SELECT count(*) FROM pg_replication_slots) || ' slots, ' || \
+                (SELECT count(*) FROM pg_publication) || ' publications'",
+    )
+}
+
+/// `haul start --follow`: the copy reads the slot's snapshot while the application writes;
+/// the job goes on to follow, status shows the lag; `haul cutover` catches up once the writes
+/// stop, sets sequences, verifies, and leaves the target equal to the source with no slot,
+/// publication or ledger behind.
+#[test]
+fn start_follow_then_cutover_leaves_the_target_equal() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixture = dir.path().join("follow.sql");
+    std::fs::write(
+        &fixture,
+        format!(
+            "{FIXTURE}CREATE TABLE public.counters (id serial PRIMARY KEY, v int);\n\
+             INSERT INTO public.counters (v) SELECT g FROM generate_series(1, 10) g;\n\
+             CREATE TABLE public.tags (t text, n int);\n\
+             INSERT INTO public.tags SELECT 'tag' || (g % 3), g FROM generate_series(1, 30) g;\n"
+        ),
+    )?;
+    let m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        fixture: Some(fixture),
+        bulk_mb: 4,
+        start_args: vec!["--follow", "--replica-identity-full"],
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let following = std::thread::scope(|s| {
+        // The application: writes of every kind, from before the copy ends until cutover.
+        let writer = s.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                m.source.psql(
+                    DB,
+                    &format!(
+                        "INSERT INTO public.docs VALUES ({id}, {i}, 'w{i}');\n\
+                         UPDATE public.docs SET n = n + 1 WHERE id = {upd};\n\
+                         DELETE FROM public.docs WHERE id = {gone};\n\
+                         INSERT INTO public.counters (v) VALUES ({i});\n\
+                         UPDATE public.nokey SET b = 'w{i}' WHERE ctid = (SELECT min(ctid) FROM public.nokey WHERE a = {a});\n\
+                         UPDATE public.tags SET n = n + 1 WHERE t = 'tag{a3}';\n\
+                         DELETE FROM public.tags WHERE n = {i};",
+                        id = 100_000 + i,
+                        upd = i % 500 + 1,
+                        gone = 100_000 + i.saturating_sub(3),
+                        a = i % 7,
+                        a3 = i % 3
+                    ),
+                )?;
+            }
+            anyhow::Ok(i)
+        });
+        let following = wait_for_phase(&m, "following", 180);
+        // A little more while following, then the application stops writing.
+        std::thread::sleep(Duration::from_secs(2));
+        let status_while = m.status();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        anyhow::Ok((following?, status_while, writes))
+    })?;
+    let (reached, while_following, writes) = following;
+    assert_eq!(reached["phase"], "following", "{reached}");
+    let w = while_following.unwrap_or_default();
+    assert!(
+        w["lag_bytes"].is_u64() && w["lag_seconds"].is_number(),
+        "status --json while following has no lag: {w}"
+    );
+    assert!(writes > 5, "the writer made only {writes} rounds");
+    assert!(slots_and_publications(&m)?.starts_with("1 slots, 1 publications"));
+
+    // Cut over: the writes have stopped.
+    let out = std::process::Command::new(&m.bin)
+        .args([
+            "cutover",
+            "--coordinator",
+            &m.coord,
+            "--certs",
+            &m.certs,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cutover failed: {stdout}\n{}\ncoordinator:\n{}\nsender:\n{}\nreceiver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.coordinator.log_text(),
+        m.sender.log_text(),
+        m.receiver.log_text()
+    );
+    assert!(stdout.contains("result     done"), "{stdout}");
+    assert!(stdout.contains("cutover    caught up"), "{stdout}");
+    assert!(
+        stdout.contains("identity   set REPLICA IDENTITY FULL on the source: public.tags"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("pieces compared, equal on source and target"),
+        "{stdout}"
+    );
+
+    // Independently: the same rows, schema and sequences; nothing of haul's left anywhere.
+    let diffs = haul_pgcluster::compare_databases(&m.source.url(DB), &m.target.url(DB))?;
+    assert!(diffs.is_empty(), "source and target differ: {diffs:#?}");
+    assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");
+    let haul_schema = m.target.psql(
+        DB,
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'haul'",
+    )?;
+    assert_eq!(haul_schema.trim(), "0", "the ledger is left on the target");
+    Ok(())
+}
+
+/// A table without a primary key or replica identity: publishing it would break the source's
+/// own UPDATE and DELETE, so without --replica-identity-full the job is refused in one line
+/// naming it, before anything is written on either side.
+#[test]
+fn follow_refuses_a_table_without_replica_identity() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixture = dir.path().join("nokey.sql");
+    std::fs::write(
+        &fixture,
+        "CREATE TABLE public.docs (id int PRIMARY KEY, body text);\n\
+         INSERT INTO public.docs SELECT g, 'd' FROM generate_series(1, 10) g;\n\
+         CREATE TABLE public.loose (a int, b text);\n\
+         INSERT INTO public.loose VALUES (1, 'x'), (1, 'x');\n",
+    )?;
+    let m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        fixture: Some(fixture),
+        start_args: vec!["--follow"],
+        ..Default::default()
+    })?;
+    let end = wait_for_phase(&m, "failed", 120)?;
+    let error = end["error"].as_str().unwrap_or_default();
+    assert_eq!(end["phase"], "failed", "{end}");
+    assert!(
+        error.contains("public.loose")
+            && error.contains("--replica-identity-full")
+            && !error.contains('\n'),
+        "{error}"
+    );
+    assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");
+    let tables = m.target.psql(
+        DB,
+        "SELECT count(*) FROM pg_class WHERE relname IN ('docs', 'loose')",
+    )?;
+    assert_eq!(tables.trim(), "0", "tables were created on the target");
+    let identity = m.source.psql(
+        DB,
+        "SELECT relreplident FROM pg_class WHERE relname = 'loose'",
+    )?;
+    assert_eq!(identity.trim(), "d", "the source table was changed");
+    Ok(())
+}

@@ -18,6 +18,9 @@ pub enum Phase {
     Planning,
     Copying,
     Finalizing,
+    /// `--follow`: the bulk copy is done and verified; the slot's changes are being applied
+    /// until cutover.
+    Following,
     Done,
     Failed,
     /// `haul cancel`: nothing more of it goes out; its undo is on its way to the target.
@@ -31,6 +34,7 @@ impl Phase {
             Phase::Planning => "planning",
             Phase::Copying => "copying",
             Phase::Finalizing => "finalizing",
+            Phase::Following => "following",
             Phase::Done => "done",
             Phase::Failed => "failed",
             Phase::Cancelling => "cancelling",
@@ -221,6 +225,102 @@ pub struct JobRecord {
     pub undone: Vec<String>,
     #[serde(default)]
     pub left: Vec<String>,
+    /// A `--follow` job's slot, and how following stands.
+    #[serde(default)]
+    pub follow: Option<Follow>,
+}
+
+/// WAL a slot holds back on the source, past which status warns.
+pub const RETAINED_WARNING_BYTES: u64 = 1 << 30;
+
+/// A `--follow` job: its slot and publication on the source, and the follower's last report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Follow {
+    pub slot: String,
+    pub publication: String,
+    pub start_lsn: u64,
+    /// Tables given REPLICA IDENTITY FULL on the source by the plan.
+    pub identity_full: Vec<String>,
+    /// The sender following now, and when it last reported (a silent one is replaced).
+    pub holder: Option<String>,
+    pub last_report_ms: u64,
+    /// Failed follow attempts in a row, and the earliest time of the next.
+    pub attempts: u32,
+    pub not_before_ms: u64,
+    pub applied_lsn: u64,
+    pub confirmed_lsn: u64,
+    pub source_lsn: u64,
+    pub applied_commit_time_us: i64,
+    pub transactions: u64,
+    pub retained_bytes: u64,
+    /// Transactions a second, over the reports of the last few seconds.
+    pub apply_rate: f64,
+    #[serde(skip)]
+    pub rate_window: std::collections::VecDeque<(u64, u64)>,
+    /// `haul cutover`: when it was asked for, the position it waits for, when it finished.
+    pub cutover_requested_ms: u64,
+    pub cutover_lsn: u64,
+    pub cutover_done_ms: u64,
+    pub cutover_sequences: u32,
+    pub cutover_pieces: u64,
+    /// The slot and publication are gone from the source.
+    pub slot_dropped: bool,
+    /// Who is dropping them (a failed job's source-only cleanup).
+    pub drop_holder: Option<String>,
+}
+
+impl Follow {
+    /// Bytes of the source's WAL not yet applied: nothing when the follower has confirmed
+    /// everything the source has written.
+    pub fn lag_bytes(&self) -> u64 {
+        self.source_lsn
+            .saturating_sub(self.applied_lsn.max(self.confirmed_lsn))
+    }
+
+    /// Seconds behind: none when caught up, else since the last applied commit (or since the
+    /// copy's start position, before anything was applied).
+    pub fn lag_seconds(&self, now_ms: u64, started_ms: u64) -> f64 {
+        if self.lag_bytes() == 0 {
+            return 0.0;
+        }
+        let since_ms = if self.applied_commit_time_us > 0 {
+            (self.applied_commit_time_us / 1000).max(0) as u64
+        } else {
+            started_ms
+        };
+        now_ms.saturating_sub(since_ms) as f64 / 1000.0
+    }
+
+    /// Take a follower's report.
+    pub fn report(&mut self, r: &haul_proto::FollowReport, now_ms: u64) {
+        self.last_report_ms = now_ms;
+        self.attempts = 0;
+        self.applied_lsn = self.applied_lsn.max(r.applied_lsn);
+        self.confirmed_lsn = self.confirmed_lsn.max(r.confirmed_lsn);
+        self.source_lsn = self.source_lsn.max(r.source_lsn);
+        if r.applied_commit_time_us > 0 {
+            self.applied_commit_time_us = r.applied_commit_time_us;
+        }
+        if r.retained_bytes > 0 || r.cutover_done {
+            self.retained_bytes = r.retained_bytes;
+        }
+        if r.cutover_lsn > 0 {
+            self.cutover_lsn = r.cutover_lsn;
+        }
+        // A follower starts its count at zero: the job's total adds what each one did.
+        self.rate_window.push_back((now_ms, r.transactions));
+        while self.rate_window.len() > 6 {
+            self.rate_window.pop_front();
+        }
+        if let (Some(&(t0, n0)), Some(&(t1, n1))) =
+            (self.rate_window.front(), self.rate_window.back())
+        {
+            if t1 > t0 && n1 >= n0 {
+                self.apply_rate = (n1 - n0) as f64 * 1000.0 / (t1 - t0) as f64;
+            }
+        }
+        self.transactions = self.transactions.max(r.transactions);
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -446,6 +546,7 @@ impl Job {
                 cancelled_in: String::new(),
                 undone: Vec::new(),
                 left: Vec::new(),
+                follow: None,
                 planner_incarnation: String::new(),
                 snapshot_lost: false,
                 snapshot_leased: false,

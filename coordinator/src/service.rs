@@ -209,6 +209,32 @@ impl State {
             }
             return Some(pb::sender_task::Task::Verify(task));
         }
+        // A --follow job that failed or was cancelled still has its slot on the source, which
+        // holds WAL there for as long as it exists: any sender drops it.
+        for j in self
+            .jobs
+            .iter_mut()
+            .filter(|j| j.record.phase == Phase::Failed)
+        {
+            let Some(f) = j.record.follow.as_mut() else {
+                continue;
+            };
+            let stale = f.last_report_ms + timeout_ms < now_ms();
+            if f.slot_dropped || (f.drop_holder.is_some() && !stale) {
+                continue;
+            }
+            f.drop_holder = Some(agent.to_string());
+            f.last_report_ms = now_ms();
+            return Some(pb::sender_task::Task::Cleanup(pb::CleanupTask {
+                job_id: j.record.id.clone(),
+                receiver_addr: j.record.receiver_addr.clone(),
+                keep_ledger: true,
+                follow_slot: f.slot.clone(),
+                follow_publication: f.publication.clone(),
+                source_only: true,
+                ..Default::default()
+            }));
+        }
         for j in self
             .jobs
             .iter_mut()
@@ -221,6 +247,10 @@ impl State {
                 if j.record.cleanup_holder.is_none() && j.record.finalize_not_before_ms <= now_ms()
                 {
                     j.record.cleanup_holder = Some(agent.to_string());
+                    let (follow_slot, follow_publication) = match &j.record.follow {
+                        Some(f) if !f.slot_dropped => (f.slot.clone(), f.publication.clone()),
+                        _ => (String::new(), String::new()),
+                    };
                     return Some(pb::sender_task::Task::Cleanup(pb::CleanupTask {
                         job_id: j.record.id.clone(),
                         receiver_addr: receiver
@@ -229,6 +259,9 @@ impl State {
                         keep_ledger: j.record.options.keep_ledger,
                         undo: true,
                         keep_target: j.record.cancel_keep_target,
+                        follow_slot,
+                        follow_publication,
+                        source_only: false,
                     }));
                 }
                 continue;
@@ -365,6 +398,51 @@ impl State {
                         return Some(finalize_task(j));
                     }
                 }
+                // Following needs no snapshot: any sender may follow; a silent one is replaced.
+                Phase::Following => {
+                    let now = now_ms();
+                    let Some(f) = j.record.follow.as_ref() else {
+                        continue;
+                    };
+                    let stale = f.last_report_ms + timeout_ms < now;
+                    if (f.holder.is_some() && !stale) || f.not_before_ms > now {
+                        continue;
+                    }
+                    let verify = crate::verify_run::VerifyRun::new(
+                        format!("{}-cutover", j.record.id),
+                        j,
+                        &[],
+                        0,
+                    )
+                    .task;
+                    let tables = j
+                        .tables
+                        .iter()
+                        .filter(|t| !haul_core::large_object::is_large_objects(&t.table))
+                        .map(|t| pb::PlannedTable {
+                            table: Some(t.table.to_wire()),
+                            columns: t.columns.iter().map(Column::to_wire).collect(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    let receiver_addr = receiver
+                        .clone()
+                        .unwrap_or_else(|| j.record.receiver_addr.clone());
+                    let Some(f) = j.record.follow.as_mut() else {
+                        continue;
+                    };
+                    f.holder = Some(agent.to_string());
+                    f.last_report_ms = now;
+                    return Some(pb::sender_task::Task::Follow(pb::FollowTask {
+                        job_id: j.record.id.clone(),
+                        slot: f.slot.clone(),
+                        publication: f.publication.clone(),
+                        tables,
+                        receiver_addr,
+                        options: Some(j.record.options.to_wire()),
+                        verify: Some(verify),
+                    }));
+                }
                 // Cleanup needs no snapshot: any sender may carry it to the receiver.
                 Phase::Finalizing
                     if j.record.cleanup_pending
@@ -394,6 +472,10 @@ impl State {
         None
     }
 }
+
+/// Why a --follow job fails when its snapshot is lost: the slot's changes start at the first
+/// snapshot's position, so rows read under a new one would take some changes twice.
+const FOLLOW_SNAPSHOT_LOST: &str = "the sender holding the slot's snapshot stopped before the copy finished; a --follow job cannot continue under a new snapshot (its changes start at the slot's position): start the job again (its slot is dropped)";
 
 /// Mark a chunk done from its report (the receipt means the target's ledger holds it: done,
 /// whatever the epoch). Returns false if it already was.
@@ -524,7 +606,25 @@ impl Coordinator for CoordinatorService {
                     j.record.cleanup_holder = None;
                     dirty = true;
                 }
+                // ... or of the follower: it follows no more; hand following out again.
+                if let Some(f) = j.record.follow.as_mut() {
+                    if restarted && f.holder.as_deref() == Some(id.as_str()) {
+                        f.holder = None;
+                        dirty = true;
+                    }
+                }
                 if holder
+                    && !j.record.cleanup_pending
+                    && !r.incarnation.is_empty()
+                    && !j.record.planner_incarnation.is_empty()
+                    && j.record.planner_incarnation != r.incarnation
+                    && matches!(j.record.phase, Phase::Copying | Phase::Finalizing)
+                    && !j.record.snapshot_lost
+                    && j.record.options.follow
+                {
+                    j.fail(FOLLOW_SNAPSHOT_LOST);
+                    dirty = true;
+                } else if holder
                     && !j.record.cleanup_pending
                     && !r.incarnation.is_empty()
                     && !j.record.planner_incarnation.is_empty()
@@ -674,6 +774,23 @@ impl Coordinator for CoordinatorService {
             .collect();
         job.record.snapshot_id = r.snapshot_id;
         job.record.planner_incarnation = planner_incarnation;
+        if let Some(f) = &r.follow {
+            let cutover_requested_ms = job
+                .record
+                .follow
+                .as_ref()
+                .map_or(0, |f| f.cutover_requested_ms);
+            job.record.follow = Some(crate::job::Follow {
+                slot: f.slot.clone(),
+                publication: f.publication.clone(),
+                start_lsn: f.start_lsn,
+                identity_full: f.identity_full.clone(),
+                applied_lsn: f.start_lsn,
+                confirmed_lsn: f.start_lsn,
+                cutover_requested_ms,
+                ..Default::default()
+            });
+        }
         job.record.phase = Phase::Copying;
         job.recount();
         tracing::info!(job = %job.record.id, tables = job.tables.len(), chunks = job.chunks.len(), "planned");
@@ -811,6 +928,11 @@ impl Coordinator for CoordinatorService {
                 chunk_bad.len(),
                 chunk_bad.join("; ")
             ));
+        } else if bad.is_empty() && job.record.follow.is_some() {
+            // Verified, and following: the slot's changes go to the target until cutover.
+            job.record.phase = Phase::Following;
+            job.record.finalize_attempts = 0;
+            job.record.finalize_not_before_ms = 0;
         } else if bad.is_empty() {
             // Verified: the target's traces of the job go next, then it is done.
             job.record.cleanup_pending = true;
@@ -825,6 +947,8 @@ impl Coordinator for CoordinatorService {
         }
         if job.record.phase == Phase::Failed {
             tracing::info!(job = %job.record.id, "finished: {}", job.record.error);
+        } else if job.record.phase == Phase::Following {
+            tracing::info!(job = %job.record.id, "verified; following the source's changes");
         } else {
             tracing::info!(job = %job.record.id, "verified; cleaning up the target");
         }
@@ -833,6 +957,90 @@ impl Coordinator for CoordinatorService {
         self.inner.save(&record).await?;
         self.inner.work.notify_waiters();
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn report_follow(
+        &self,
+        req: Request<pb::FollowReport>,
+    ) -> Result<Response<pb::FollowReply>, Status> {
+        let who = haul_certs::require(&req, &[Role::Sender])?;
+        let reporter = agent_id(who.role, &who.name);
+        let r = req.into_inner();
+        let mut st = self.inner.state.lock().await;
+        let job = st.job_mut(&r.job_id)?;
+        let (phase, paused) = (job.record.phase, job.record.paused);
+        let started = job.record.started_unix_ms;
+        let Some(f) = job.record.follow.as_mut() else {
+            return Err(Status::failed_precondition(format!(
+                "job {} does not follow changes",
+                r.job_id
+            )));
+        };
+        // Only the follower the job was handed to counts; any other stops.
+        if phase != Phase::Following || f.holder.as_deref() != Some(reporter.as_str()) || paused {
+            if paused && f.holder.as_deref() == Some(reporter.as_str()) {
+                f.holder = None;
+            }
+            return Ok(Response::new(pb::FollowReply {
+                cutover: false,
+                stop: true,
+            }));
+        }
+        f.report(&r, now_ms());
+        let cutover = f.cutover_requested_ms != 0;
+        let mut finished = false;
+        if r.cutover_done {
+            f.cutover_done_ms = now_ms();
+            f.cutover_sequences = r.sequences;
+            f.cutover_pieces = r.pieces_compared;
+            f.slot_dropped = true;
+            f.holder = None;
+            finished = true;
+        } else if f.retained_bytes >= crate::job::RETAINED_WARNING_BYTES {
+            let w = format!(
+                "the slot {} holds {} MiB of WAL on the source; a stuck follower fills the source's disk",
+                f.slot,
+                f.retained_bytes >> 20
+            );
+            job.record.warning = w;
+        } else if job.record.warning.contains("of WAL on the source") {
+            job.record.warning.clear();
+        }
+        if finished {
+            let lag = job
+                .record
+                .follow
+                .as_ref()
+                .map_or(0.0, |f| f.lag_seconds(now_ms(), started));
+            if !r.mismatches.is_empty() {
+                job.fail(format!(
+                    "cutover: the target caught up, but verification found {} difference(s): {}",
+                    r.mismatches.len(),
+                    r.mismatches.join("; ")
+                ));
+            } else {
+                job.record.phase = Phase::Finalizing;
+                job.record.cleanup_pending = true;
+                job.record.finalize_attempts = 0;
+                job.record.finalize_not_before_ms = 0;
+                job.record.verified = job.record.options.verify;
+            }
+            tracing::info!(job = %r.job_id, lag_seconds = lag, mismatches = r.mismatches.len(), "cutover: caught up and compared");
+        }
+        let record = job.record.clone();
+        drop(st);
+        if finished {
+            self.inner.save(&record).await?;
+            self.inner.work.notify_waiters();
+        } else {
+            // Progress is kept in memory; the slot's confirmed position on the source and the
+            // target's follow position are what a restart resumes from.
+            self.inner.store.put_record(&record).map_err(to_status)?;
+        }
+        Ok(Response::new(pb::FollowReply {
+            cutover,
+            stop: false,
+        }))
     }
 
     async fn report_cleanup(
@@ -845,7 +1053,21 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let mut st = self.inner.state.lock().await;
         let job = st.job_mut(&r.job_id)?;
+        if r.source_only {
+            if let Some(f) = job.record.follow.as_mut() {
+                f.slot_dropped = true;
+                f.drop_holder = None;
+            }
+            tracing::info!(job = %r.job_id, "the failed job's slot and publication are dropped from the source");
+            let record = job.record.clone();
+            drop(st);
+            self.inner.save(&record).await?;
+            return Ok(Response::new(pb::Empty {}));
+        }
         if job.record.phase == Phase::Cancelling && r.undo {
+            if let Some(f) = job.record.follow.as_mut() {
+                f.slot_dropped = true;
+            }
             job.record.cleanup_holder = None;
             job.record.phase = Phase::Cancelled;
             job.record.finished_unix_ms = now_ms();
@@ -1109,6 +1331,24 @@ impl Coordinator for CoordinatorService {
                     job.record.finished_unix_ms = now_ms();
                 }
             }
+        } else if job.record.phase == Phase::Following {
+            // The follower stopped. A fatal cause (a column changed on the source) waits for
+            // the operator: the job is paused with the line that says what to do, the slot
+            // keeps the changes, and `haul resume` follows again. Anything else is retried
+            // with backoff, from the slot's confirmed position.
+            if let Some(f) = job.record.follow.as_mut() {
+                if f.holder.as_deref() == Some(reporter.as_str()) {
+                    f.holder = None;
+                    f.attempts += 1;
+                    f.not_before_ms = now_ms() + backoff_ms(f.attempts.min(6));
+                    job.record.warning = format!("following stopped: {}", r.message);
+                    if r.fatal {
+                        job.record.paused = true;
+                    }
+                }
+            }
+        } else if !r.lost_snapshot.is_empty() && job.record.options.follow {
+            job.fail(FOLLOW_SNAPSHOT_LOST);
         } else if !r.lost_snapshot.is_empty() {
             // The snapshot could not be imported: its holder is gone. Not the chunk's fault.
             if r.lost_snapshot == job.record.snapshot_id && !job.record.snapshot_lost {
@@ -1292,6 +1532,18 @@ impl Coordinator for CoordinatorService {
                     phase.as_str()
                 )));
             }
+            pb::Steer::Cutover if job.record.follow.is_none() && !job.record.options.follow => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} does not follow the source's changes; cutover is for jobs started with --follow",
+                    job.record.id
+                )));
+            }
+            pb::Steer::Cutover if phase == Phase::Cancelling => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} is being cancelled; it cannot cut over",
+                    job.record.id
+                )));
+            }
             pb::Steer::Pause | pb::Steer::Resume if phase == Phase::Cancelling => {
                 return Err(Status::failed_precondition(format!(
                     "job {} is being cancelled; it cannot be paused or resumed",
@@ -1309,6 +1561,15 @@ impl Coordinator for CoordinatorService {
             // Cancelling twice is cancelling once.
             pb::Steer::Cancel if phase == Phase::Cancelling => (0, Vec::new()),
             pb::Steer::Cancel => job.cancel(r.keep_target),
+            // Asked for before following started, it runs as soon as following does.
+            pb::Steer::Cutover => {
+                let f = job.record.follow.get_or_insert_with(Default::default);
+                if f.cutover_requested_ms == 0 {
+                    f.cutover_requested_ms = now_ms();
+                }
+                job.record.paused = false;
+                (0, Vec::new())
+            }
             pb::Steer::Unspecified => {
                 return Err(Status::invalid_argument("say pause, resume or cancel"));
             }
@@ -1327,6 +1588,7 @@ impl Coordinator for CoordinatorService {
         }
         let did = match steer {
             pb::Steer::Cancel => "cancelled",
+            pb::Steer::Cutover => "cutting over",
             _ if record.paused => "paused",
             _ => "resumed",
         };
@@ -1627,9 +1889,55 @@ const DASHBOARD_TABLES: usize = 200;
 /// An agent heard from within this long is up.
 const AGENT_UP_MS: u64 = 30_000;
 
+/// How a --follow job's following stands, for status.
+fn follow_status(rec: &crate::job::JobRecord) -> Option<pb::FollowStatus> {
+    let f = rec.follow.as_ref()?;
+    let lsn = |v: u64| haul_core::pgoutput::Lsn(v).to_string();
+    let now = now_ms();
+    let stopped_end = if f.cutover_done_ms > 0 {
+        rec.finished_unix_ms.max(f.cutover_done_ms)
+    } else {
+        now
+    };
+    Some(pb::FollowStatus {
+        slot: f.slot.clone(),
+        publication: f.publication.clone(),
+        applied_lsn: lsn(f.applied_lsn.max(f.confirmed_lsn)),
+        source_lsn: lsn(f.source_lsn),
+        lag_bytes: f.lag_bytes(),
+        lag_seconds: f.lag_seconds(now, rec.started_unix_ms),
+        apply_rate: f.apply_rate,
+        transactions: f.transactions,
+        retained_bytes: f.retained_bytes,
+        warning: if f.retained_bytes >= crate::job::RETAINED_WARNING_BYTES {
+            format!(
+                "the slot holds {} MiB of WAL on the source",
+                f.retained_bytes >> 20
+            )
+        } else {
+            String::new()
+        },
+        cutover: f.cutover_requested_ms > 0,
+        cutover_lsn: if f.cutover_lsn > 0 {
+            lsn(f.cutover_lsn)
+        } else {
+            String::new()
+        },
+        writes_stopped_secs: if f.cutover_requested_ms > 0 {
+            stopped_end.saturating_sub(f.cutover_requested_ms) as f64 / 1000.0
+        } else {
+            0.0
+        },
+        identity_full: f.identity_full.clone(),
+        cutover_pieces: f.cutover_pieces,
+        cutover_sequences: f.cutover_sequences,
+    })
+}
+
 fn status_of(job: &Job, have_receiver: bool, detail: bool) -> pb::JobStatusReply {
     let rec = &job.record;
     let mut reply = pb::JobStatusReply {
+        follow: follow_status(rec),
         job_id: rec.id.clone(),
         phase: rec.phase.as_str().to_string(),
         error: rec.error.clone(),

@@ -235,6 +235,65 @@ impl Receiver for ReceiverService {
         Ok(Response::new(pb::ReadSequencesReply { values }))
     }
 
+    async fn target_columns(
+        &self,
+        req: Request<pb::TargetColumnsRequest>,
+    ) -> Result<Response<pb::TargetColumnsReply>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let client = self.inner.pool.get().await.map_err(to_status)?;
+        let mut tables = Vec::new();
+        for t in &req.get_ref().tables {
+            let name = TableName::from(t);
+            let cols = client
+                .query_opt(
+                    "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute \
+                     WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped \
+                       AND attgenerated = ''",
+                    &[&name.quoted()],
+                )
+                .await
+                .map_err(|e| {
+                    Status::unavailable(format!("read the target's columns of {name}: {e}"))
+                })?
+                .and_then(|r| r.get::<_, Option<Vec<String>>>(0));
+            if let Some(cols) = cols {
+                tables.push(pb::PlannedTable {
+                    table: Some(t.clone()),
+                    columns: cols
+                        .into_iter()
+                        .map(|name| pb::Column {
+                            name,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                });
+            }
+        }
+        Ok(Response::new(pb::TargetColumnsReply { tables }))
+    }
+
+    async fn set_sequences(
+        &self,
+        req: Request<pb::SetSequencesRequest>,
+    ) -> Result<Response<pb::Empty>, Status> {
+        haul_certs::require(&req, &[Role::Sender])?;
+        let r = req.into_inner();
+        let work = async {
+            self.inner.refuse_cancelled(&r.job_id)?;
+            let client = self.inner.pool.get().await?;
+            let names: Vec<(String, String)> = r
+                .sequences
+                .iter()
+                .map(|s| (s.schema.clone(), s.name.clone()))
+                .collect();
+            undo::record_sequences(&client, &r.job_id, &names).await?;
+            schema::set_sequences(&client, &r.sequences).await
+        };
+        work.await.map_err(to_status)?;
+        Ok(Response::new(pb::Empty {}))
+    }
+
     async fn apply_changes(
         &self,
         req: Request<Streaming<pb::ChangeFrame>>,
@@ -326,7 +385,10 @@ impl ReceiverService {
                 .await
                 .context("read post-data spool")?;
             return Ok(pb::SchemaReply {
-                objects: Script::parse(&text).entries.len() as u32,
+                objects: Script::parse(&text)
+                    .without_publication(&haul_core::ident::follow_names(&first.job_id).1)
+                    .entries
+                    .len() as u32,
             });
         }
 
@@ -383,7 +445,8 @@ impl ReceiverService {
         let text = tokio::fs::read_to_string(&path)
             .await
             .context("read pre-data spool")?;
-        let script = Script::parse(&text);
+        let script = Script::parse(&text)
+            .without_publication(&haul_core::ident::follow_names(&first.job_id).1);
         let role_names: Vec<String> = create_roles.iter().map(|r| r.name.clone()).collect();
         undo::record_pre_data(&client, &first.job_id, &script, &role_names).await?;
         let create_roles: Vec<String> = create_roles.into_iter().map(|r| r.create_sql).collect();
@@ -1066,7 +1129,9 @@ impl ReceiverService {
         let post_path = self.inner.spool.schema_path(job, "post");
         let post_objects = match tokio::fs::read_to_string(&post_path).await {
             Ok(text) => {
-                let script = Script::parse(&text);
+                // A --follow job's own publication is the source's, not the target's.
+                let script = Script::parse(&text)
+                    .without_publication(&haul_core::ident::follow_names(job).1);
                 // How to undo it, written down before any of it is applied (the first record
                 // stands: a run again after a crash keeps it).
                 undo::record_post_data(&client, job, &script).await?;

@@ -190,16 +190,55 @@ where
     Ok(differences)
 }
 
-/// The verify task: a finished job compared again through this sender and the job's receiver.
-/// Progress goes to the coordinator every two seconds, which also tells it the run is alive;
-/// the result goes once at the end.
-pub async fn run_task(shared: &Arc<Shared>, task: pb::VerifyTask) -> anyhow::Result<()> {
+/// Compare `pieces` of a job (and with `task.sequences`, the source's sequences) between
+/// the source, read here, and the target, read by the job's receiver. Returns what differs,
+/// sorted, and the sequences compared.
+pub async fn through_receiver(
+    shared: &Arc<Shared>,
+    task: &pb::VerifyTask,
+    pieces: Vec<Piece>,
+    progress: Arc<Progress>,
+) -> anyhow::Result<(Vec<String>, u32)> {
     let meta = Metadata {
         owner: task.large_object_owner,
         privileges: task.large_object_privileges,
     };
-    let pieces = task
-        .pieces
+    // One channel to the receiver for every piece (HTTP/2 multiplexes them).
+    let receiver = shared.peers.receiver(&task.receiver_addr).await?;
+    let job_id = task.job_id.clone();
+    let open = move || {
+        let (receiver, job_id) = (receiver.clone(), job_id.clone());
+        async move { Ok(Box::new(RemoteTarget { receiver, job_id }) as Box<dyn TargetReader>) }
+    };
+    let source = &shared.config.source;
+    let mut found = compare(source, pieces, task.jobs, meta, open, progress).await?;
+    let mut sequences = 0;
+    if task.sequences {
+        let client = source.connect("haul-verify").await?;
+        let values =
+            crate::catalog::sequences(&client, &haul_core::ident::TableFilter::default()).await?;
+        let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
+        let there = receiver
+            .read_sequences(pb::ReadSequencesRequest {
+                sequences: values
+                    .iter()
+                    .map(|v| TableName::new(v.schema.clone(), v.name.clone()).to_wire())
+                    .collect(),
+            })
+            .await
+            .map_err(|s| from_status(s, "read sequences on the target"))?
+            .into_inner()
+            .values;
+        found.extend(haul_core::sequence::differences(&values, &there));
+        sequences = values.len() as u32;
+    }
+    found.sort();
+    Ok((found, sequences))
+}
+
+/// The pieces of a verify task, from the wire.
+pub fn pieces_of(task: &pb::VerifyTask) -> anyhow::Result<Vec<Piece>> {
+    task.pieces
         .iter()
         .map(|p| {
             Ok(Piece {
@@ -213,7 +252,14 @@ pub async fn run_task(shared: &Arc<Shared>, task: pb::VerifyTask) -> anyhow::Res
                 range: Range::from_wire(p.range.as_ref())?,
             })
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// The verify task: a finished job compared again through this sender and the job's receiver.
+/// Progress goes to the coordinator every two seconds, which also tells it the run is alive;
+/// the result goes once at the end.
+pub async fn run_task(shared: &Arc<Shared>, task: pb::VerifyTask) -> anyhow::Result<()> {
+    let pieces = pieces_of(&task)?;
     let progress = Arc::new(Progress::default());
     let report =
         |finished: bool, mismatches: Vec<String>, error: String, sequences: u32| pb::VerifyReport {
@@ -225,40 +271,7 @@ pub async fn run_task(shared: &Arc<Shared>, task: pb::VerifyTask) -> anyhow::Res
             error,
             sequences,
         };
-    let work = async {
-        // One channel to the receiver for every piece (HTTP/2 multiplexes them).
-        let receiver = shared.peers.receiver(&task.receiver_addr).await?;
-        let job_id = task.job_id.clone();
-        let open = move || {
-            let (receiver, job_id) = (receiver.clone(), job_id.clone());
-            async move { Ok(Box::new(RemoteTarget { receiver, job_id }) as Box<dyn TargetReader>) }
-        };
-        let source = &shared.config.source;
-        let mut found = compare(source, pieces, task.jobs, meta, open, progress.clone()).await?;
-        let mut sequences = 0;
-        if task.sequences {
-            let client = source.connect("haul-verify").await?;
-            let values =
-                crate::catalog::sequences(&client, &haul_core::ident::TableFilter::default())
-                    .await?;
-            let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
-            let there = receiver
-                .read_sequences(pb::ReadSequencesRequest {
-                    sequences: values
-                        .iter()
-                        .map(|v| TableName::new(v.schema.clone(), v.name.clone()).to_wire())
-                        .collect(),
-                })
-                .await
-                .map_err(|s| from_status(s, "read sequences on the target"))?
-                .into_inner()
-                .values;
-            found.extend(haul_core::sequence::differences(&values, &there));
-            sequences = values.len() as u32;
-        }
-        found.sort();
-        anyhow::Ok((found, sequences))
-    };
+    let work = through_receiver(shared, &task, pieces, progress.clone());
     tokio::pin!(work);
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let outcome = loop {

@@ -196,6 +196,41 @@ async fn run_once(shared: &Arc<Shared>, task: pb::FinalizeTask) -> anyhow::Resul
 /// receiver first undoes what the job wrote (or only surveys it, with `keep_target`), and the
 /// report says what it undid and what is left.
 pub async fn cleanup(shared: &Arc<Shared>, task: pb::CleanupTask) -> anyhow::Result<()> {
+    // A --follow job's slot holds WAL on the source for as long as it exists: it goes first.
+    let mut left_on_source = Vec::new();
+    if !task.follow_slot.is_empty() {
+        let client = shared
+            .config
+            .source
+            .connect(&format!("haul-cleanup-{}", task.job_id))
+            .await?;
+        crate::follow::drop_slot_and_publication(
+            &client,
+            &task.follow_slot,
+            &task.follow_publication,
+        )
+        .await?;
+        left_on_source.push(format!(
+            "dropped replication slot {} and publication {} on the source",
+            task.follow_slot, task.follow_publication
+        ));
+    }
+    if task.source_only {
+        let report = pb::CleanupReport {
+            job_id: task.job_id.clone(),
+            source_only: true,
+            undone: left_on_source,
+            ..Default::default()
+        };
+        try_deliver(|| {
+            let mut c = shared.peers.coordinator();
+            let report = report.clone();
+            async move { c.report_cleanup(report).await.map(|_| ()) }
+        })
+        .await
+        .map_err(|s| from_status(s, "coordinator refused the cleanup report"))?;
+        return Ok(());
+    }
     let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
     let reply = receiver
         .cleanup(pb::CleanupRequest {
@@ -215,8 +250,12 @@ pub async fn cleanup(shared: &Arc<Shared>, task: pb::CleanupTask) -> anyhow::Res
     }
     let report = pb::CleanupReport {
         job_id: task.job_id.clone(),
+        source_only: false,
         undo: task.undo,
-        undone: reply.undone.clone(),
+        undone: left_on_source
+            .into_iter()
+            .chain(reply.undone.iter().cloned())
+            .collect(),
         left: reply.left.clone(),
     };
     try_deliver(|| {

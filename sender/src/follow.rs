@@ -202,6 +202,9 @@ pub async fn run(
     let mut relations = Relations::default();
     let mut batch: Option<Batch> = None;
     let mut until_open = true;
+    // The columns changes are checked against: the plan's, refreshed from the target when a
+    // Relation message differs (the operator may have made the same change there).
+    let mut tables = spec.tables.clone();
     loop {
         let reached = |p: &Position| matches!(*until.borrow(), Some(u) if p.applied >= u || p.wal_end_reached(u));
         if batch.is_none() && reached(&position.borrow()) {
@@ -299,7 +302,13 @@ pub async fn run(
                         columns,
                         ..
                     } => {
-                        check_relation(spec, schema, name, columns)?;
+                        if check_relation(spec, &tables, schema, name, columns).is_err() {
+                            let now = target_columns(&mut receiver, schema, name).await?;
+                            if let Some(cols) = now {
+                                tables.insert((schema.clone(), name.clone()), cols);
+                            }
+                            check_relation(spec, &tables, schema, name, columns)?;
+                        }
                         relations.learn(&m);
                     }
                     _ => {
@@ -352,12 +361,13 @@ impl Position {
 /// line naming the table and what changed.
 fn check_relation(
     spec: &Spec,
+    tables: &HashMap<(String, String), Vec<String>>,
     schema: &str,
     name: &str,
     columns: &[pgoutput::RelColumn],
 ) -> anyhow::Result<()> {
     let key = (schema.to_string(), name.to_string());
-    let Some(planned) = spec.tables.get(&key) else {
+    let Some(planned) = tables.get(&key) else {
         return Err(haul_core::status::fatal(format!(
             "the source sent changes of {schema}.{name}, which this job does not move; its publication must have been altered: stop following and check publication {}",
             spec.publication
@@ -366,10 +376,364 @@ fn check_relation(
     let now: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
     if now != planned.iter().map(String::as_str).collect::<Vec<_>>() {
         return Err(haul_core::status::fatal(format!(
-            "the columns of {schema}.{name} changed on the source while following (were {}, now {}): apply the same change to the target, then resume",
+            "the columns of {schema}.{name} changed on the source while following (the target has {}, the source now {}): apply the same change to the target, then haul resume",
             planned.join(", "),
             now.join(", ")
         )));
     }
     Ok(())
+}
+
+/// The slot and publication of a job (`core::ident::follow_names`).
+pub fn names(job_id: &str) -> (String, String) {
+    haul_core::ident::follow_names(job_id)
+}
+
+/// Tables whose UPDATE and DELETE a publication would break: no primary key and no replica
+/// identity (index or FULL). With `full`, they are given REPLICA IDENTITY FULL (returned);
+/// without it, the job is refused in one line, before anything is written.
+pub async fn replica_identity_preflight(
+    client: &tokio_postgres::Client,
+    tables: &[haul_core::ident::TableName],
+    full: bool,
+) -> anyhow::Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for t in tables {
+        let row = client
+            .query_one(
+                "SELECT c.relreplident::text, c.relkind::text, \
+                        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+                 FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&t.quoted()],
+            )
+            .await
+            .with_context(|| format!("read the replica identity of {t}"))?;
+        let (ident, kind, pk): (String, String, bool) = (row.get(0), row.get(1), row.get(2));
+        // Partitioned parents hold no rows; their partitions are checked one by one.
+        if kind == "p" {
+            continue;
+        }
+        let ok = match ident.as_str() {
+            "f" | "i" => true,
+            "d" => pk,
+            _ => false,
+        };
+        if !ok {
+            missing.push(t.clone());
+        }
+    }
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let names: Vec<String> = missing.iter().map(|t| t.to_string()).collect();
+    if !full {
+        return Err(haul_core::status::fatal(format!(
+            "{} table(s) have no primary key or replica identity, so publishing them would make the source's own UPDATE and DELETE on them fail: {}; rerun with --replica-identity-full to give them REPLICA IDENTITY FULL, or leave them out with --exclude-tables",
+            names.len(),
+            names.join(", ")
+        )));
+    }
+    for t in &missing {
+        client
+            .batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", t.quoted()))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "set REPLICA IDENTITY FULL on {t} on the source: {}",
+                    haul_core::pg::db_error_line(&e)
+                )
+            })?;
+        tracing::warn!(table = %t, "set REPLICA IDENTITY FULL on the source (--replica-identity-full)");
+    }
+    Ok(names)
+}
+
+/// Create the job's publication (committed first: pgoutput looks it up as of each change)
+/// and then its slot, whose exported snapshot the bulk copy reads. Leftovers of an earlier
+/// attempt at planning the same job are dropped first.
+pub async fn create_slot(
+    source: &DbUrl,
+    client: &tokio_postgres::Client,
+    job_id: &str,
+    tables: &[haul_core::ident::TableName],
+) -> anyhow::Result<(Replication, crate::replication::SlotCreated, String)> {
+    let (slot, publication) = names(job_id);
+    drop_slot_and_publication(client, &slot, &publication).await?;
+    let list = tables
+        .iter()
+        .map(|t| t.quoted())
+        .collect::<Vec<_>>()
+        .join(", ");
+    client
+        .batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE {list}",
+            haul_core::ident::quote_ident(&publication)
+        ))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "create publication {publication} on the source: {} (following needs a user that owns the tables, or a superuser)",
+                haul_core::pg::db_error_line(&e)
+            )
+        })?;
+    let mut repl = Replication::connect(source, &format!("haul-slot-{job_id}")).await.map_err(|e| {
+        anyhow::anyhow!("{e:#} (following needs the source user to have REPLICATION and wal_level = logical)")
+    })?;
+    let created = repl.create_slot(&slot, false).await.map_err(|e| {
+        anyhow::anyhow!(
+            "{e:#} (following needs wal_level = logical and a free replication slot on the source)"
+        )
+    })?;
+    tracing::info!(job = %job_id, slot = %slot, publication = %publication, start = %created.consistent_point, "slot and publication created for following");
+    Ok((repl, created, publication))
+}
+
+/// Drop a job's slot and publication, if there. A follower still attached to the slot is
+/// ended first (a slot in use cannot be dropped).
+pub async fn drop_slot_and_publication(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    publication: &str,
+) -> anyhow::Result<()> {
+    for _ in 0..50 {
+        let active: Option<i32> = client
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .context("read the source's replication slots")?
+            .map(|r| r.get::<_, Option<i32>>(0).unwrap_or(0));
+        match active {
+            None => break,
+            Some(pid) if pid != 0 => {
+                client
+                    .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                    .await
+                    .context("end the session following the slot")?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(_) => {
+                match client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                {
+                    Ok(_) => break,
+                    // Taken again between the two statements: try again.
+                    Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
+                    Err(e) => {
+                        anyhow::bail!(
+                            "drop replication slot {slot} on the source: {}",
+                            haul_core::pg::db_error_line(&e)
+                        )
+                    }
+                }
+            }
+        }
+    }
+    client
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            haul_core::ident::quote_ident(publication)
+        ))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "drop publication {publication} on the source: {}",
+                haul_core::pg::db_error_line(&e)
+            )
+        })?;
+    Ok(())
+}
+
+/// The target's columns of one table now, through the receiver (None: not on the target).
+async fn target_columns(
+    receiver: &mut ReceiverClient<Channel>,
+    schema: &str,
+    name: &str,
+) -> anyhow::Result<Option<Vec<String>>> {
+    let table = haul_core::ident::TableName::new(schema, name);
+    let reply = receiver
+        .target_columns(pb::TargetColumnsRequest {
+            tables: vec![table.to_wire()],
+        })
+        .await
+        .map_err(|s| haul_core::status::from_status(s, "read the target's columns"))?
+        .into_inner();
+    Ok(reply
+        .tables
+        .into_iter()
+        .next()
+        .map(|t| t.columns.into_iter().map(|c| c.name).collect()))
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// WAL the slot holds back on the source, past this, is warned about in status: a follower
+/// that is stuck fills the source's disk.
+pub const RETAINED_WARNING_BYTES: u64 = 1 << 30;
+
+/// The follow task: follow the job's slot, report where it stands every second, and when the
+/// coordinator says cutover, catch up to the source's position at that moment, set the
+/// sequences, compare source and target, and drop the slot and publication.
+pub async fn run_task(
+    shared: &std::sync::Arc<crate::worker::Shared>,
+    task: pb::FollowTask,
+) -> anyhow::Result<()> {
+    let options = task.options.clone().unwrap_or_default();
+    let job_id = task.job_id.clone();
+    let mut tables = HashMap::new();
+    for t in &task.tables {
+        let name = haul_core::chunk::table_from_wire(t.table.as_ref())?;
+        tables.insert(
+            (name.schema, name.name),
+            t.columns.iter().map(|c| c.name.clone()).collect(),
+        );
+    }
+    let spec = Spec {
+        job_id: job_id.clone(),
+        slot: task.slot.clone(),
+        publication: task.publication.clone(),
+        tables,
+        codec: Codec::from_wire(options.codec, options.zstd_level)?,
+    };
+    let source = shared.config.source.clone();
+    let watch = source
+        .connect(&format!("haul-follow-watch-{job_id}"))
+        .await?;
+    let receiver = shared.peers.receiver(&task.receiver_addr).await?;
+    let limiter = shared.limiter_for(&job_id, options.bwlimit_bytes);
+    let (position, seen) = tokio::sync::watch::channel(Position::default());
+    let (until_tx, until_rx) = tokio::sync::watch::channel(None::<Lsn>);
+    let stop = CancellationToken::new();
+    tracing::info!(job = %job_id, slot = %spec.slot, "following");
+    let follower = run(
+        &source, receiver, &spec, &limiter, &position, until_rx, &stop,
+    );
+    tokio::pin!(follower);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut cutover_lsn = Lsn(0);
+    loop {
+        tokio::select! {
+            r = &mut follower => {
+                r?;
+                break;
+            }
+            _ = tick.tick() => {
+                let (source_lsn, retained) = source_position(&watch, &spec.slot).await?;
+                let report = follow_report(&job_id, &seen.borrow(), source_lsn, retained, cutover_lsn);
+                let reply = shared.peers.coordinator().report_follow(report).await;
+                match reply {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        if r.stop {
+                            stop.cancel();
+                            tracing::info!(job = %job_id, "stopped following: the coordinator said so");
+                            return Ok(());
+                        }
+                        if r.cutover && cutover_lsn == Lsn(0) {
+                            // The operator stopped the writes, then asked: what the source
+                            // has written by now is everything there is to catch up with.
+                            cutover_lsn = source_lsn;
+                            tracing::info!(job = %job_id, until = %cutover_lsn, "cutover: catching up");
+                            until_tx.send_replace(Some(cutover_lsn));
+                        }
+                    }
+                    Err(s) if s.code() == tonic::Code::NotFound => {
+                        stop.cancel();
+                        anyhow::bail!("the coordinator no longer knows job {job_id}: {}", s.message());
+                    }
+                    Err(s) => tracing::warn!("failed to report following to the coordinator: {}", s.message()),
+                }
+            }
+        }
+    }
+    if stop.is_cancelled() || cutover_lsn == Lsn(0) {
+        return Ok(());
+    }
+
+    // Caught up: the target holds every change up to the cutover position.
+    let filter = haul_core::ident::TableFilter::of(&options);
+    let sequences = crate::catalog::sequences(&watch, &filter).await?;
+    let mut receiver = shared.peers.receiver(&task.receiver_addr).await?;
+    receiver
+        .set_sequences(pb::SetSequencesRequest {
+            job_id: job_id.clone(),
+            sequences: sequences.clone(),
+        })
+        .await
+        .map_err(|s| haul_core::status::from_status(s, "receiver could not set the sequences"))?;
+    let (mismatches, pieces) = match &task.verify {
+        Some(v) if options.verify => {
+            let pieces = crate::compare::pieces_of(v)?;
+            let n = pieces.len() as u64;
+            let progress = std::sync::Arc::new(crate::compare::Progress::default());
+            let (found, _) = crate::compare::through_receiver(shared, v, pieces, progress).await?;
+            (found, n)
+        }
+        _ => (Vec::new(), 0),
+    };
+    drop_slot_and_publication(&watch, &spec.slot, &spec.publication).await?;
+    tracing::info!(job = %job_id, mismatches = mismatches.len(), "cutover: caught up, compared; slot and publication dropped");
+    let (source_lsn, _) = source_position(&watch, "").await?;
+    let mut report = follow_report(&job_id, &seen.borrow(), source_lsn, 0, cutover_lsn);
+    report.cutover_done = true;
+    report.mismatches = mismatches;
+    report.sequences = sequences.len() as u32;
+    report.pieces_compared = pieces;
+    crate::worker::try_deliver(|| {
+        let mut c = shared.peers.coordinator();
+        let report = report.clone();
+        async move { c.report_follow(report).await.map(|_| ()) }
+    })
+    .await
+    .map_err(|s| haul_core::status::from_status(s, "coordinator refused the cutover report"))?;
+    Ok(())
+}
+
+/// The source's current WAL position, and what the slot holds back behind it.
+async fn source_position(
+    client: &tokio_postgres::Client,
+    slot: &str,
+) -> anyhow::Result<(Lsn, u64)> {
+    let row = client
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text, \
+                    coalesce((SELECT (pg_current_wal_lsn() - restart_lsn)::int8 \
+                              FROM pg_replication_slots WHERE slot_name = $1), 0)",
+            &[&slot],
+        )
+        .await
+        .context("read the source's WAL position")?;
+    let lsn: String = row.get(0);
+    let retained: i64 = row.get(1);
+    Ok((lsn.parse()?, retained.max(0) as u64))
+}
+
+fn follow_report(
+    job_id: &str,
+    p: &Position,
+    source_lsn: Lsn,
+    retained: u64,
+    cutover_lsn: Lsn,
+) -> pb::FollowReport {
+    pb::FollowReport {
+        job_id: job_id.to_string(),
+        applied_lsn: p.applied.0,
+        confirmed_lsn: p.confirmed.0,
+        source_lsn: source_lsn.0,
+        applied_commit_time_us: if p.applied_commit_time == 0 {
+            0
+        } else {
+            p.applied_commit_time + PG_EPOCH_US
+        },
+        transactions: p.transactions,
+        statements: p.statements,
+        retained_bytes: retained,
+        cutover_lsn: cutover_lsn.0,
+        ..Default::default()
+    }
 }

@@ -18,12 +18,65 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     let job_id = task.job_id.clone();
     tracing::info!(job = %job_id, "planning");
 
-    let holder = SnapshotHolder::open(&shared.config.source, &job_id).await?;
+    let filter = TableFilter::of(&options);
+    // A --follow job reads the snapshot its slot exported, so the copy and the change stream
+    // meet at one position. The publication must exist before the slot, so the table list
+    // is read first outside the snapshot, and checked again inside it.
+    let (holder, follow) = if options.follow {
+        let source = &shared.config.source;
+        let client = source.connect(&format!("haul-plan-{job_id}")).await?;
+        let mut outside: Vec<_> = catalog::measure_tables(&client, &filter, 0)
+            .await?
+            .into_iter()
+            .map(|t| t.table)
+            .collect();
+        outside.sort_by_key(|t| t.to_string());
+        if outside.is_empty() {
+            return Err(haul_core::status::fatal(
+                "no table to follow: a --follow job needs at least one table",
+            ));
+        }
+        let identity_full = crate::follow::replica_identity_preflight(
+            &client,
+            &outside,
+            options.replica_identity_full,
+        )
+        .await?;
+        let (repl, created, publication) =
+            crate::follow::create_slot(source, &client, &job_id, &outside).await?;
+        let holder = SnapshotHolder::from_slot(source, &job_id, repl, created.snapshot).await?;
+        let mut inside: Vec<_> = catalog::measure_tables(&holder.client, &filter, 0)
+            .await?
+            .into_iter()
+            .map(|t| t.table)
+            .collect();
+        inside.sort_by_key(|t| t.to_string());
+        if inside != outside {
+            drop(holder);
+            crate::follow::drop_slot_and_publication(&client, &created.slot, &publication)
+                .await
+                .ok();
+            anyhow::bail!(
+                "the source's tables changed while the job was being planned; planning again"
+            );
+        }
+        let plan = pb::FollowPlan {
+            slot: created.slot,
+            publication,
+            start_lsn: created.consistent_point.0,
+            identity_full,
+        };
+        (holder, Some(plan))
+    } else {
+        (
+            SnapshotHolder::open(&shared.config.source, &job_id).await?,
+            None,
+        )
+    };
     let snapshot_id = holder.snapshot_id.clone();
     if options.create_schema {
         catalog::check_lock_capacity(&holder.client).await?;
     }
-    let filter = TableFilter::of(&options);
     let mut tables = catalog::measure_tables(&holder.client, &filter, options.chunk_bytes).await?;
     // Large objects belong to the database, not to a table: they move with a whole-database
     // job, as pg_dump carries them only then.
@@ -115,6 +168,7 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
         job_id: job_id.clone(),
         snapshot_id,
         schema_bytes: 0,
+        follow,
         tables: tables
             .into_iter()
             .map(|t| pb::PlannedTable {

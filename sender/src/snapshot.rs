@@ -15,10 +15,14 @@ use anyhow::Context;
 use haul_core::pg::DbUrl;
 use tokio_postgres::Client;
 
-/// The connection whose open transaction keeps the job's snapshot alive.
+/// The connection whose open transaction keeps the job's snapshot alive. For a `--follow`
+/// job the snapshot was exported by creating the slot, and lives while that replication
+/// session stays idle: the holder keeps it, plus a normal session that imported the snapshot
+/// (`client`) for what planning and finalize read.
 pub struct SnapshotHolder {
     pub client: Client,
     pub snapshot_id: String,
+    pub replication: Option<crate::replication::Replication>,
 }
 
 impl SnapshotHolder {
@@ -37,6 +41,23 @@ impl SnapshotHolder {
         Ok(SnapshotHolder {
             client,
             snapshot_id: row.get(0),
+            replication: None,
+        })
+    }
+
+    /// Hold a slot's exported snapshot: keep its replication session idle, and import the
+    /// snapshot on a normal session.
+    pub async fn from_slot(
+        source: &DbUrl,
+        job_id: &str,
+        replication: crate::replication::Replication,
+        snapshot_id: String,
+    ) -> anyhow::Result<SnapshotHolder> {
+        let reader = SnapshotReader::open(source, job_id, &snapshot_id).await?;
+        Ok(SnapshotHolder {
+            client: reader.client,
+            snapshot_id,
+            replication: Some(replication),
         })
     }
 }

@@ -272,6 +272,12 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                     _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
                 }
             }
+            Some(pb::sender_task::Task::Follow(t)) => {
+                let job = t.job_id.clone();
+                if let Err(e) = crate::follow::run_task(&shared, t).await {
+                    report_failure(&shared, "follow", &job, (0, 0, ""), e).await;
+                }
+            }
             Some(pb::sender_task::Task::Plan(p)) => {
                 let job = p.job_id.clone();
                 if let Err(e) = plan::run(&shared, p).await {

@@ -207,3 +207,20 @@ mod tests {
         }
     }
 }
+
+/// The replication slot and publication of a `--follow` job: `haul_` and the job id, made fit
+/// for a slot name (lower-case letters, digits and underscores, at most 63 bytes).
+pub fn follow_names(job_id: &str) -> (String, String) {
+    let id: String = job_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name: String = format!("haul_{id}").chars().take(63).collect();
+    (name.clone(), name)
+}

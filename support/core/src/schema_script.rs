@@ -29,6 +29,18 @@ pub struct Script {
 }
 
 impl Script {
+    /// The script without the entries of publication `name`: a --follow job's own
+    /// publication exists on the source when pg_dump runs, and must not be made on the target.
+    pub fn without_publication(mut self, name: &str) -> Script {
+        let prefix = format!("{name} ");
+        self.entries.retain(|e| match e.kind.as_str() {
+            "PUBLICATION" => e.name != name,
+            k if k.starts_with("PUBLICATION ") => !e.name.starts_with(&prefix),
+            _ => true,
+        });
+        self
+    }
+
     pub fn parse(text: &str) -> Script {
         let mut script = Script::default();
         let mut current: Option<Entry> = None;
@@ -120,6 +132,23 @@ fn trim_comments(sql: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follow_jobs_own_publication_is_left_out() {
+        let text = "--\n-- Name: haul_j1; Type: PUBLICATION; Schema: -; Owner: u\n--\n\nCREATE PUBLICATION haul_j1 WITH (publish = 'insert');\n\n\
+--\n-- Name: haul_j1 docs; Type: PUBLICATION TABLE; Schema: public; Owner: -\n--\n\nALTER PUBLICATION haul_j1 ADD TABLE ONLY public.docs;\n\n\
+--\n-- Name: mine; Type: PUBLICATION; Schema: -; Owner: u\n--\n\nCREATE PUBLICATION mine;\n\n\
+--\n-- Name: mine docs; Type: PUBLICATION TABLE; Schema: public; Owner: -\n--\n\nALTER PUBLICATION mine ADD TABLE ONLY public.docs;\n";
+        let s = Script::parse(text);
+        assert_eq!(s.entries.len(), 4, "{s:?}");
+        let kept: Vec<String> = s
+            .without_publication("haul_j1")
+            .entries
+            .iter()
+            .map(|e| e.name.clone())
+            .collect();
+        assert_eq!(kept, ["mine", "mine docs"]);
+    }
 
     const DUMP: &str = "--\n-- PostgreSQL database dump\n--\n\n\\restrict abc123\n\
 SET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n\n\
