@@ -440,3 +440,37 @@ fn follow_refuses_a_table_without_replica_identity() -> anyhow::Result<()> {
     assert_eq!(identity.trim(), "d", "the source table was changed");
     Ok(())
 }
+
+/// `haul cancel` of a following job: its slot and publication go from the source with the
+/// rest of what it did, so nothing keeps holding the source's WAL.
+#[test]
+fn cancel_while_following_drops_slot_and_publication() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixture = dir.path().join("follow.sql");
+    std::fs::write(&fixture, FIXTURE)?;
+    let m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        fixture: Some(fixture),
+        start_args: vec!["--follow"],
+        bwlimit: Some("0"),
+        ..Default::default()
+    })?;
+    let s = wait_for_phase(&m, "following", 120)?;
+    assert_eq!(s["phase"], "following", "{s}");
+    assert!(slots_and_publications(&m)?.starts_with("1 slots, 1 publications"));
+    let out = std::process::Command::new(&m.bin)
+        .args(["cancel", "--coordinator", &m.coord, "--certs", &m.certs])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cancel failed: {stdout}");
+    assert!(
+        stdout.contains("dropped replication slot haul_"),
+        "{stdout}"
+    );
+    assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");
+    let tables = m
+        .target
+        .psql(DB, "SELECT count(*) FROM pg_class WHERE relname = 'docs'")?;
+    assert_eq!(tables.trim(), "0", "the cancel left the target's tables");
+    Ok(())
+}

@@ -890,6 +890,8 @@ mod tests {
                 exclude_tables: Vec::new(),
                 schemas: Vec::new(),
                 exclude_schemas: Vec::new(),
+                follow: false,
+                replica_identity_full: false,
             },
         );
         for i in 0..n {
