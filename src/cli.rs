@@ -308,6 +308,11 @@ pub struct CutoverArgs {
     /// With --wait: give up waiting after this long (e.g. 10m); the cutover goes on.
     #[arg(long, value_name = "DURATION", requires = "wait")]
     pub timeout: Option<String>,
+    /// First make the source database refuse new writes: its new sessions start read only
+    /// (default_transaction_read_only) and its other sessions are ended. The summary says how
+    /// to undo it.
+    #[arg(long)]
+    pub read_only_source: bool,
 }
 
 #[derive(Args, Debug, Default)]

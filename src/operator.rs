@@ -151,6 +151,7 @@ pub async fn steer(a: SteerArgs, steer: pb::Steer) -> anyhow::Result<ExitCode> {
             job_id: a.job.unwrap_or_default(),
             steer: steer as i32,
             keep_target: false,
+            read_only_source: false,
         })
         .await
         .map_err(|s| fatal(s.message().to_string()))?
@@ -174,7 +175,7 @@ fn follow_json(f: &pb::FollowStatus) -> serde_json::Value {
         "retained_bytes": f.retained_bytes, "warning": f.warning, "cutover": f.cutover,
         "cutover_lsn": f.cutover_lsn, "writes_stopped_secs": f.writes_stopped_secs,
         "identity_full": f.identity_full, "cutover_pieces": f.cutover_pieces,
-        "cutover_sequences": f.cutover_sequences,
+        "cutover_sequences": f.cutover_sequences, "read_only_source": f.read_only_source,
     })
 }
 
@@ -204,6 +205,7 @@ pub async fn cutover(a: CutoverArgs) -> anyhow::Result<ExitCode> {
             job_id: a.steer.job.unwrap_or_default(),
             steer: pb::Steer::Cutover as i32,
             keep_target: false,
+            read_only_source: a.read_only_source,
         })
         .await
         .map_err(|s| fatal(s.message().to_string()))?
@@ -246,6 +248,7 @@ pub async fn cancel(a: CancelArgs) -> anyhow::Result<ExitCode> {
             job_id: a.steer.job.unwrap_or_default(),
             steer: pb::Steer::Cancel as i32,
             keep_target: a.keep_target,
+            read_only_source: false,
         })
         .await
         .map_err(|s| fatal(s.message().to_string()))?
@@ -585,6 +588,9 @@ pub fn print_summary(s: &pb::JobStatusReply) {
                 "cutover    caught up to {} (lag 0); writes were stopped for {:.1} s, from the cutover request to the end",
                 f.cutover_lsn, f.writes_stopped_secs
             );
+        }
+        if !f.read_only_source.is_empty() {
+            println!("source     {}", f.read_only_source);
         }
         if f.cutover && s.phase == "done" {
             if s.verified {

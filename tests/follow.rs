@@ -364,6 +364,7 @@ fn start_follow_then_cutover_leaves_the_target_equal() -> anyhow::Result<()> {
             "--wait",
             "--timeout",
             "3m",
+            "--read-only-source",
         ])
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -384,6 +385,20 @@ fn start_follow_then_cutover_leaves_the_target_equal() -> anyhow::Result<()> {
     assert!(
         stdout.contains("pieces compared, equal on source and target"),
         "{stdout}"
+    );
+    // --read-only-source: a new session of the source starts read only, and the summary says
+    // how to undo it.
+    assert!(
+        stdout.contains("now refuses writes")
+            && stdout.contains("RESET default_transaction_read_only"),
+        "{stdout}"
+    );
+    let refused = m
+        .source
+        .psql(DB, "INSERT INTO public.docs VALUES (999999, 0, 'late')");
+    assert!(
+        refused.is_err_and(|e| format!("{e:#}").contains("read-only transaction")),
+        "the source still takes writes"
     );
 
     // Independently: the same rows, schema and sequences; nothing of haul's left anywhere.
@@ -472,5 +487,158 @@ fn cancel_while_following_drops_slot_and_publication() -> anyhow::Result<()> {
         .target
         .psql(DB, "SELECT count(*) FROM pg_class WHERE relname = 'docs'")?;
     assert_eq!(tables.trim(), "0", "the cancel left the target's tables");
+    Ok(())
+}
+
+/// Restart whichever role a failpoint killed (each fires once across restarts).
+fn revive(agents: [&mut haul_faults::Agent; 3]) -> anyhow::Result<()> {
+    for agent in agents {
+        if agent.exited() {
+            agent.restart()?;
+        }
+    }
+    Ok(())
+}
+
+/// `haul status --json`, or null.
+fn status_of(bin: &std::path::Path, coord: &str, certs: &str) -> serde_json::Value {
+    std::process::Command::new(bin)
+        .args(["status", "--coordinator", coord, "--certs", certs, "--json"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or_default()
+}
+
+/// Every role killed while following, and the sender at two points of its own: after the
+/// target committed a batch but before the source was told (the batch comes again and must
+/// apply nothing twice: the table without a key would show a duplicate), and halfway through
+/// cutover. The application writes throughout; the job still ends done and equal, with no
+/// slot, publication or ledger left.
+#[test]
+fn kills_while_following_and_during_cutover_lose_and_repeat_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixture = dir.path().join("follow.sql");
+    std::fs::write(&fixture, FIXTURE)?;
+    let mut m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        fixture: Some(fixture),
+        start_args: vec!["--follow"],
+        bwlimit: Some("0"),
+        failpoints: Some("die-after-change-batch,die-in-cutover"),
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (bin, coord, certs) = (m.bin.clone(), m.coord.clone(), m.certs.clone());
+    let Move {
+        source,
+        sender,
+        receiver,
+        coordinator,
+        ..
+    } = &mut m;
+    let source = &*source;
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                source.psql(
+                    DB,
+                    &format!(
+                        "INSERT INTO public.docs VALUES ({id}, {i}, 'w{i}');\n\
+                         UPDATE public.docs SET n = n + 1 WHERE id = {upd};\n\
+                         INSERT INTO public.nokey VALUES ({a}, 'w{i}');\n\
+                         DELETE FROM public.nokey WHERE ctid = (SELECT min(ctid) FROM public.nokey WHERE a = {a2});",
+                        id = 200_000 + i,
+                        upd = i % 500 + 1,
+                        a = i % 7,
+                        a2 = (i + 3) % 7
+                    ),
+                )?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            anyhow::Ok(i)
+        });
+        let result = (|| {
+            // Following, with the sender's own death after its first batch along the way.
+            let deadline = std::time::Instant::now() + Duration::from_secs(180);
+            loop {
+                revive([&mut *sender, &mut *receiver, &mut *coordinator])?;
+                let s = status_of(&bin, &coord, &certs);
+                anyhow::ensure!(s["phase"] != "failed", "the job failed: {s}");
+                if s["phase"] == "following"
+                    && s["follow"]["transactions"].as_u64().unwrap_or(0) > 20
+                {
+                    break;
+                }
+                anyhow::ensure!(std::time::Instant::now() < deadline, "not following: {s}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // Each role killed in turn while the writes go on.
+            for role in ["receiver", "coordinator", "sender"] {
+                let agent = match role {
+                    "receiver" => &mut *receiver,
+                    "coordinator" => &mut *coordinator,
+                    _ => &mut *sender,
+                };
+                agent.kill9();
+                std::thread::sleep(Duration::from_millis(700));
+                agent.restart()?;
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            anyhow::Ok(())
+        })();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let writes = writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        result?;
+        anyhow::ensure!(writes > 20, "only {writes} rounds of writes");
+        anyhow::Ok(())
+    })?;
+
+    // Cutover; the sender dies halfway through it and is brought back.
+    let cutover = std::thread::spawn(move || {
+        std::process::Command::new(&bin)
+            .args([
+                "cutover",
+                "--coordinator",
+                &coord,
+                "--certs",
+                &certs,
+                "--wait",
+                "--timeout",
+                "4m",
+            ])
+            .output()
+    });
+    while !cutover.is_finished() {
+        revive([&mut m.sender, &mut m.receiver, &mut m.coordinator])?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = cutover
+        .join()
+        .map_err(|_| anyhow::anyhow!("the cutover thread panicked"))??;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cutover failed: {stdout}\n{}\nsender:\n{}\nreceiver:\n{}\ncoordinator:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        m.sender.log_text(),
+        m.receiver.log_text(),
+        m.coordinator.log_text()
+    );
+    let sender_log = m.sender.log_text();
+    for point in ["die-after-change-batch", "die-in-cutover"] {
+        assert!(
+            sender_log.contains(&format!("failpoint {point} fired")),
+            "{point} never fired:\n{sender_log}"
+        );
+    }
+    let diffs = haul_pgcluster::compare_databases(&m.source.url(DB), &m.target.url(DB))?;
+    assert!(diffs.is_empty(), "source and target differ: {diffs:#?}");
+    assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");
     Ok(())
 }

@@ -174,7 +174,7 @@ fn label(v: &str) -> String {
 pub(crate) fn metrics_text(jobs: &[JobMetrics], agents: &[AgentMetrics]) -> String {
     let mut out = String::new();
     type Get = fn(&JobMetrics) -> f64;
-    let per_job: [(&str, &str, &str, Get); 14] = [
+    let per_job: [(&str, &str, &str, Get); 19] = [
         (
             "haul_job_paused",
             "gauge",
@@ -259,6 +259,36 @@ pub(crate) fn metrics_text(jobs: &[JobMetrics], agents: &[AgentMetrics]) -> Stri
             "Chunks whose rows differ between source and target",
             |j| j.status.chunk_mismatches.len() as f64,
         ),
+        (
+            "haul_follow_lag_seconds",
+            "gauge",
+            "A --follow job: how far behind the source the target is, in time (0 without following)",
+            |j| j.status.follow.as_ref().map_or(0.0, |f| f.lag_seconds),
+        ),
+        (
+            "haul_follow_lag_bytes",
+            "gauge",
+            "A --follow job: source WAL not yet applied on the target",
+            |j| j.status.follow.as_ref().map_or(0.0, |f| f.lag_bytes as f64),
+        ),
+        (
+            "haul_follow_transactions_total",
+            "counter",
+            "A --follow job: source transactions applied on the target",
+            |j| j.status.follow.as_ref().map_or(0.0, |f| f.transactions as f64),
+        ),
+        (
+            "haul_follow_apply_rate",
+            "gauge",
+            "A --follow job: transactions applied a second, over the last few seconds",
+            |j| j.status.follow.as_ref().map_or(0.0, |f| f.apply_rate),
+        ),
+        (
+            "haul_follow_retained_bytes",
+            "gauge",
+            "A --follow job: WAL its slot holds back on the source",
+            |j| j.status.follow.as_ref().map_or(0.0, |f| f.retained_bytes as f64),
+        ),
     ];
     for (name, kind, help, get) in per_job {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -280,6 +310,7 @@ pub(crate) fn metrics_text(jobs: &[JobMetrics], agents: &[AgentMetrics]) -> Stri
             "planning",
             "copying",
             "finalizing",
+            "following",
             "done",
             "failed",
             "cancelling",

@@ -255,10 +255,15 @@ pub struct Follow {
     pub retained_bytes: u64,
     /// Transactions a second, over the reports of the last few seconds.
     pub apply_rate: f64,
+    /// The follower's measure of the lag in time, at its last report.
+    pub lag_ms: u64,
     #[serde(skip)]
     pub rate_window: std::collections::VecDeque<(u64, u64)>,
     /// `haul cutover`: when it was asked for, the position it waits for, when it finished.
     pub cutover_requested_ms: u64,
+    /// `haul cutover --read-only-source`, and what the follower reported doing about it.
+    pub read_only_source: bool,
+    pub read_only_note: String,
     pub cutover_lsn: u64,
     pub cutover_done_ms: u64,
     pub cutover_sequences: u32,
@@ -277,24 +282,25 @@ impl Follow {
             .saturating_sub(self.applied_lsn.max(self.confirmed_lsn))
     }
 
-    /// Seconds behind: none when caught up, else since the last applied commit (or since the
-    /// copy's start position, before anything was applied).
+    /// Seconds behind, as the follower measured at its last report: none when the target
+    /// held everything the source had written, else since the later of the last applied
+    /// commit and the last time it was caught up. Before any follower reported: since the job
+    /// started.
     pub fn lag_seconds(&self, now_ms: u64, started_ms: u64) -> f64 {
         if self.lag_bytes() == 0 {
             return 0.0;
         }
-        let since_ms = if self.applied_commit_time_us > 0 {
-            (self.applied_commit_time_us / 1000).max(0) as u64
-        } else {
-            started_ms
-        };
-        now_ms.saturating_sub(since_ms) as f64 / 1000.0
+        if self.last_report_ms == 0 {
+            return now_ms.saturating_sub(started_ms) as f64 / 1000.0;
+        }
+        self.lag_ms as f64 / 1000.0
     }
 
     /// Take a follower's report.
     pub fn report(&mut self, r: &haul_proto::FollowReport, now_ms: u64) {
         self.last_report_ms = now_ms;
         self.attempts = 0;
+        self.lag_ms = r.lag_ms;
         self.applied_lsn = self.applied_lsn.max(r.applied_lsn);
         self.confirmed_lsn = self.confirmed_lsn.max(r.confirmed_lsn);
         self.source_lsn = self.source_lsn.max(r.source_lsn);
@@ -306,6 +312,9 @@ impl Follow {
         }
         if r.cutover_lsn > 0 {
             self.cutover_lsn = r.cutover_lsn;
+        }
+        if !r.read_only_source.is_empty() {
+            self.read_only_note = r.read_only_source.clone();
         }
         // A follower starts its count at zero: the job's total adds what each one did.
         self.rate_window.push_back((now_ms, r.transactions));

@@ -984,10 +984,12 @@ impl Coordinator for CoordinatorService {
             return Ok(Response::new(pb::FollowReply {
                 cutover: false,
                 stop: true,
+                read_only_source: false,
             }));
         }
         f.report(&r, now_ms());
         let cutover = f.cutover_requested_ms != 0;
+        let read_only_source = f.read_only_source;
         let mut finished = false;
         if r.cutover_done {
             f.cutover_done_ms = now_ms();
@@ -1040,6 +1042,7 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::FollowReply {
             cutover,
             stop: false,
+            read_only_source,
         }))
     }
 
@@ -1567,6 +1570,7 @@ impl Coordinator for CoordinatorService {
                 if f.cutover_requested_ms == 0 {
                     f.cutover_requested_ms = now_ms();
                 }
+                f.read_only_source |= r.read_only_source;
                 job.record.paused = false;
                 (0, Vec::new())
             }
@@ -1867,6 +1871,7 @@ impl State {
                     "table_rows": shown,
                     "tables_hidden": tables.len().saturating_sub(DASHBOARD_TABLES),
                     "history": j.history.samples,
+                    "follow": s.follow.as_ref().map(dashboard_follow),
                 })
             })
             .collect();
@@ -1881,6 +1886,15 @@ impl State {
             .collect();
         serde_json::json!({ "now_ms": now, "jobs": jobs, "agents": agents })
     }
+}
+
+/// A following job's lag for the dashboard.
+fn dashboard_follow(f: &pb::FollowStatus) -> serde_json::Value {
+    serde_json::json!({
+        "lag_seconds": f.lag_seconds, "lag_bytes": f.lag_bytes, "apply_rate": f.apply_rate,
+        "transactions": f.transactions, "retained_bytes": f.retained_bytes,
+        "warning": f.warning, "cutover": f.cutover,
+    })
 }
 
 /// The most tables of one job the dashboard lists (the rest are counted).
@@ -1931,6 +1945,7 @@ fn follow_status(rec: &crate::job::JobRecord) -> Option<pb::FollowStatus> {
         identity_full: f.identity_full.clone(),
         cutover_pieces: f.cutover_pieces,
         cutover_sequences: f.cutover_sequences,
+        read_only_source: f.read_only_note.clone(),
     })
 }
 

@@ -245,6 +245,9 @@ pub async fn run(
             // Nothing more at once (or the batch is full): close the batch.
             if let Some(b) = batch.take() {
                 let (receipt, (commit, end, time), n) = b.finish(spec.codec, limiter).await?;
+                // Test point: the target committed the batch, the source was not told; the
+                // next follower is sent it again and must apply none of it twice.
+                haul_core::failpoint::die("die-after-change-batch");
                 repl.confirm(end).await?;
                 position.send_modify(|p| {
                     p.applied = p.applied.max(Lsn(receipt.position)).max(commit);
@@ -616,6 +619,10 @@ pub async fn run_task(
     tokio::pin!(follower);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut cutover_lsn = Lsn(0);
+    // When the target last held everything the source had written (Unix ms).
+    let mut caught_up_ms = unix_ms();
+    // Cutover --read-only-source: what was done to the source.
+    let mut read_only_note = String::new();
     loop {
         tokio::select! {
             r = &mut follower => {
@@ -624,7 +631,17 @@ pub async fn run_task(
             }
             _ = tick.tick() => {
                 let (source_lsn, retained) = source_position(&watch, &spec.slot).await?;
-                let report = follow_report(&job_id, &seen.borrow(), source_lsn, retained, cutover_lsn);
+                let mut report = follow_report(&job_id, &seen.borrow(), source_lsn, retained, cutover_lsn);
+                report.read_only_source = read_only_note.clone();
+                let now = unix_ms();
+                let held = Lsn(report.applied_lsn.max(report.confirmed_lsn));
+                report.lag_ms = if held >= source_lsn {
+                    caught_up_ms = now;
+                    0
+                } else {
+                    let applied_ms = (report.applied_commit_time_us / 1000).max(0) as u64;
+                    now.saturating_sub(applied_ms.max(caught_up_ms))
+                };
                 let reply = shared.peers.coordinator().report_follow(report).await;
                 match reply {
                     Ok(r) => {
@@ -637,7 +654,15 @@ pub async fn run_task(
                         if r.cutover && cutover_lsn == Lsn(0) {
                             // The operator stopped the writes, then asked: what the source
                             // has written by now is everything there is to catch up with.
-                            cutover_lsn = source_lsn;
+                            // With --read-only-source the source is made to refuse writes
+                            // first, so nothing can come after that position.
+                            let mut at = source_lsn;
+                            if r.read_only_source && read_only_note.is_empty() {
+                                read_only_note = make_read_only(&watch).await;
+                                tracing::warn!(job = %job_id, "{read_only_note}");
+                                at = source_position(&watch, &spec.slot).await?.0;
+                            }
+                            cutover_lsn = at;
                             tracing::info!(job = %job_id, until = %cutover_lsn, "cutover: catching up");
                             until_tx.send_replace(Some(cutover_lsn));
                         }
@@ -666,6 +691,8 @@ pub async fn run_task(
         })
         .await
         .map_err(|s| haul_core::status::from_status(s, "receiver could not set the sequences"))?;
+    // Test point: cutover is halfway (caught up, sequences set, nothing compared or dropped).
+    haul_core::failpoint::die("die-in-cutover");
     let (mismatches, pieces) = match &task.verify {
         Some(v) if options.verify => {
             let pieces = crate::compare::pieces_of(v)?;
@@ -681,6 +708,7 @@ pub async fn run_task(
     let (source_lsn, _) = source_position(&watch, "").await?;
     let mut report = follow_report(&job_id, &seen.borrow(), source_lsn, 0, cutover_lsn);
     report.cutover_done = true;
+    report.read_only_source = read_only_note;
     report.mismatches = mismatches;
     report.sequences = sequences.len() as u32;
     report.pieces_compared = pieces;
@@ -692,6 +720,55 @@ pub async fn run_task(
     .await
     .map_err(|s| haul_core::status::from_status(s, "coordinator refused the cutover report"))?;
     Ok(())
+}
+
+/// `cutover --read-only-source`: new sessions of the source database start read only, and its
+/// other sessions are ended so they come back read only too. Returns the line for the
+/// operator: what was done and how to undo it, or why it could not be done (the cutover goes
+/// on; the operator stopped the writes anyway).
+async fn make_read_only(client: &tokio_postgres::Client) -> String {
+    let db: String = match client.query_one("SELECT current_database()", &[]).await {
+        Ok(r) => r.get(0),
+        Err(e) => {
+            return format!(
+                "could not make the source read only: {}",
+                haul_core::pg::db_error_line(&e)
+            )
+        }
+    };
+    let quoted = haul_core::ident::quote_ident(&db);
+    let undo = format!("ALTER DATABASE {quoted} RESET default_transaction_read_only");
+    if let Err(e) = client
+        .batch_execute(&format!(
+            "ALTER DATABASE {quoted} SET default_transaction_read_only = on"
+        ))
+        .await
+    {
+        return format!(
+            "could not make the source read only ({}): the cutover goes on; make sure the application's writes are stopped",
+            haul_core::pg::db_error_line(&e)
+        );
+    }
+    let ended = client
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+               AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0);
+    format!(
+        "source database {db} now refuses writes: default_transaction_read_only is on for new sessions and {ended} session(s) were ended; undo with {undo}"
+    )
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The source's current WAL position, and what the slot holds back behind it.
