@@ -322,7 +322,19 @@ fn start_follow_then_cutover_leaves_the_target_equal() -> anyhow::Result<()> {
                          INSERT INTO public.counters (v) VALUES ({i});\n\
                          UPDATE public.nokey SET b = 'w{i}' WHERE ctid = (SELECT min(ctid) FROM public.nokey WHERE a = {a});\n\
                          UPDATE public.tags SET n = n + 1 WHERE t = 'tag{a3}';\n\
-                         DELETE FROM public.tags WHERE n = {i};",
+                         DELETE FROM public.tags WHERE n = {i};\n\
+                         {every_tenth}",
+                        every_tenth = if i % 10 == 0 {
+                            // A TOASTed body, then an update that leaves it alone; a truncate.
+                            format!(
+                                "UPDATE public.docs SET body = (SELECT string_agg(md5(g::text || {i}), '') FROM generate_series(1, 300) g) WHERE id = 9;\n\
+                                 UPDATE public.docs SET n = {i} WHERE id = 9;\n\
+                                 TRUNCATE public.scratch;\n\
+                                 INSERT INTO public.scratch VALUES ({i}, 'after truncate {i}');"
+                            )
+                        } else {
+                            String::new()
+                        },
                         id = 100_000 + i,
                         upd = i % 500 + 1,
                         gone = 100_000 + i.saturating_sub(3),
@@ -614,6 +626,21 @@ fn kills_while_following_and_during_cutover_lose_and_repeat_nothing() -> anyhow:
             ])
             .output()
     });
+    // Once the cutover is asked for, the coordinator and the receiver die too.
+    let (bin, coord, certs) = (m.bin.clone(), m.coord.clone(), m.certs.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !cutover.is_finished() && std::time::Instant::now() < deadline {
+        let s = status_of(&bin, &coord, &certs);
+        if s["follow"]["cutover"] == true {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for agent in [&mut m.coordinator, &mut m.receiver] {
+        agent.kill9();
+        std::thread::sleep(Duration::from_millis(500));
+        agent.restart()?;
+    }
     while !cutover.is_finished() {
         revive([&mut m.sender, &mut m.receiver, &mut m.coordinator])?;
         std::thread::sleep(Duration::from_millis(200));
@@ -637,6 +664,90 @@ fn kills_while_following_and_during_cutover_lose_and_repeat_nothing() -> anyhow:
             "{point} never fired:\n{sender_log}"
         );
     }
+    let diffs = haul_pgcluster::compare_databases(&m.source.url(DB), &m.target.url(DB))?;
+    assert!(diffs.is_empty(), "source and target differ: {diffs:#?}");
+    assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");
+    Ok(())
+}
+
+/// A column added on the source while following: the job pauses with one line naming the
+/// table, applies nothing of the change, and keeps the slot; once the operator adds the same
+/// column on the target, `haul resume` follows on, and cutover ends equal.
+#[test]
+fn a_column_added_while_following_pauses_until_the_target_has_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixture = dir.path().join("follow.sql");
+    std::fs::write(&fixture, FIXTURE)?;
+    let m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        fixture: Some(fixture),
+        start_args: vec!["--follow"],
+        bwlimit: Some("0"),
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    let s = wait_for_phase(&m, "following", 120)?;
+    assert_eq!(s["phase"], "following", "{s}");
+    m.source.psql(
+        DB,
+        "ALTER TABLE public.docs ADD COLUMN extra int;\n\
+         INSERT INTO public.docs VALUES (5000, 5, 'after the ddl', 42);",
+    )?;
+    // Paused, with the line that names the table and says what to do.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let paused = loop {
+        let s = m.status().unwrap_or_default();
+        if s["paused"] == true {
+            break s;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "not paused: {s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let warning = paused["error"].as_str().unwrap_or_default().to_string()
+        + paused["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("public.docs") && warning.contains("haul resume"),
+        "{paused}"
+    );
+    let n = m
+        .target
+        .psql(DB, "SELECT count(*) FROM public.docs WHERE id = 5000")?;
+    assert_eq!(n.trim(), "0", "the changed table's row was applied");
+    assert!(slots_and_publications(&m)?.starts_with("1 slots"));
+
+    // The operator makes the same change on the target and resumes.
+    m.target
+        .psql(DB, "ALTER TABLE public.docs ADD COLUMN extra int")?;
+    let out = std::process::Command::new(&m.bin)
+        .args(["resume", "--coordinator", &m.coord, "--certs", &m.certs])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(&m.bin)
+        .args([
+            "cutover",
+            "--coordinator",
+            &m.coord,
+            "--certs",
+            &m.certs,
+            "--wait",
+            "--timeout",
+            "2m",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cutover failed: {stdout}\nsender:\n{}",
+        m.sender.log_text()
+    );
+    let row = m
+        .target
+        .psql(DB, "SELECT extra FROM public.docs WHERE id = 5000")?;
+    assert_eq!(row.trim(), "42");
     let diffs = haul_pgcluster::compare_databases(&m.source.url(DB), &m.target.url(DB))?;
     assert!(diffs.is_empty(), "source and target differ: {diffs:#?}");
     assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");

@@ -988,6 +988,10 @@ impl Coordinator for CoordinatorService {
             }));
         }
         f.report(&r, now_ms());
+        // Following again: what stopped it before is over.
+        if job.record.warning.starts_with("following stopped") {
+            job.record.warning.clear();
+        }
         let cutover = f.cutover_requested_ms != 0;
         let read_only_source = f.read_only_source;
         let mut finished = false;
