@@ -324,7 +324,7 @@ fn start_follow_then_cutover_leaves_the_target_equal() -> anyhow::Result<()> {
                          UPDATE public.tags SET n = n + 1 WHERE t = 'tag{a3}';\n\
                          DELETE FROM public.tags WHERE n = {i};\n\
                          {every_tenth}",
-                        every_tenth = if i % 10 == 0 {
+                        every_tenth = if i.is_multiple_of(10) {
                             // A TOASTed body, then an update that leaves it alone; a truncate.
                             format!(
                                 "UPDATE public.docs SET body = (SELECT string_agg(md5(g::text || {i}), '') FROM generate_series(1, 300) g) WHERE id = 9;\n\
