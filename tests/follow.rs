@@ -753,3 +753,82 @@ fn a_column_added_while_following_pauses_until_the_target_has_it() -> anyhow::Re
     assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");
     Ok(())
 }
+
+/// The target restarted and the link between sender and receiver cut while following, with
+/// the application writing: the follower retries from the slot's confirmed position, and
+/// cutover ends equal.
+#[test]
+fn a_restarted_target_and_a_cut_link_while_following_lose_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fixture = dir.path().join("follow.sql");
+    std::fs::write(&fixture, FIXTURE)?;
+    let mut m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        fixture: Some(fixture),
+        link_to_receiver: true,
+        start_args: vec!["--follow"],
+        bwlimit: Some("0"),
+        drop_ledger: true,
+        ..Default::default()
+    })?;
+    let s = wait_for_phase(&m, "following", 120)?;
+    assert_eq!(s["phase"], "following", "{s}");
+    let write = |m: &Move, from: u64, n: u64| -> anyhow::Result<()> {
+        for i in from..from + n {
+            m.source.psql(
+                DB,
+                &format!(
+                    "INSERT INTO public.docs VALUES ({id}, {i}, 'w');\n\
+                     UPDATE public.docs SET n = n + 1 WHERE id = {upd};\n\
+                     INSERT INTO public.nokey VALUES ({a}, 'w{i}');",
+                    id = 300_000 + i,
+                    upd = i % 500 + 1,
+                    a = i % 7
+                ),
+            )?;
+        }
+        Ok(())
+    };
+    write(&m, 0, 20)?;
+    // The target goes down while writes go on, and comes back.
+    m.target.stop()?;
+    write(&m, 20, 20)?;
+    std::thread::sleep(Duration::from_secs(1));
+    m.target.start_again()?;
+    write(&m, 40, 20)?;
+    // The link drops every connection through it, twice.
+    for k in 0..2 {
+        m.to_receiver.as_ref().expect("a link").reset();
+        write(&m, 60 + 10 * k, 10)?;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    write(&m, 100, 20)?;
+    let out = std::process::Command::new(&m.bin)
+        .args([
+            "cutover",
+            "--coordinator",
+            &m.coord,
+            "--certs",
+            &m.certs,
+            "--wait",
+            "--timeout",
+            "3m",
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cutover failed: {stdout}\nsender:\n{}\nreceiver:\n{}",
+        m.sender.log_text(),
+        m.receiver.log_text()
+    );
+    let log = m.sender.log_text();
+    assert!(
+        log.contains("failed to follow"),
+        "the follower never met the faults:\n{log}"
+    );
+    let diffs = haul_pgcluster::compare_databases(&m.source.url(DB), &m.target.url(DB))?;
+    assert!(diffs.is_empty(), "source and target differ: {diffs:#?}");
+    assert_eq!(slots_and_publications(&m)?, "0 slots, 0 publications");
+    Ok(())
+}
