@@ -200,16 +200,29 @@ pub async fn cutover(a: CutoverArgs) -> anyhow::Result<ExitCode> {
         })
         .transpose()?;
     let mut c = client(&coordinator, &certs).await?;
-    let r = c
-        .steer_job(pb::SteerJobRequest {
-            job_id: a.steer.job.unwrap_or_default(),
-            steer: pb::Steer::Cutover as i32,
-            keep_target: false,
-            read_only_source: a.read_only_source,
-        })
-        .await
-        .map_err(|s| fatal(s.message().to_string()))?
-        .into_inner();
+    let request = pb::SteerJobRequest {
+        job_id: a.steer.job.unwrap_or_default(),
+        steer: pb::Steer::Cutover as i32,
+        keep_target: false,
+        read_only_source: a.read_only_source,
+    };
+    // Asking twice is asking once: a coordinator that restarts just as it takes the request
+    // (its reply lost) is asked again, for up to half a minute.
+    let mut attempts = 0;
+    let r = loop {
+        match c.steer_job(request.clone()).await {
+            Ok(r) => break r.into_inner(),
+            Err(s)
+                if attempts < 30
+                    && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
+            {
+                attempts += 1;
+                tracing::debug!("cutover request failed, asking again: {}", s.message());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(s) => return Err(fatal(s.message().to_string())),
+        }
+    };
     println!(
         "job {}: cutting over ({}); the target catches up with the source's position now",
         r.job_id, r.phase

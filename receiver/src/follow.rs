@@ -99,6 +99,60 @@ pub struct BatchApplied {
 /// many small changes, and bounded memory for a transaction of any size.
 const RUN_BYTES: usize = 256 * 1024;
 
+/// Prepared changes sent to the target at once, without waiting for each to finish (the
+/// connection runs them in order): one wait for many, and bounded memory.
+const PIPELINE: usize = 512;
+
+/// Changes as prepared statements (`Record::Prepared`): each statement text is prepared once
+/// per batch (its parameters all text, cast to their columns' types in the text), so the
+/// target parses and plans a table's inserts, updates or deletes once, not once a row.
+#[derive(Default)]
+struct Prepared {
+    statements: std::collections::HashMap<String, tokio_postgres::Statement>,
+    pending: Vec<(String, Vec<Option<String>>)>,
+}
+
+impl Prepared {
+    fn push(&mut self, sql: String, params: Vec<Option<String>>) {
+        self.pending.push((sql, params));
+    }
+
+    /// Run what is pending, in order, pipelined.
+    async fn flush(&mut self, client: &Client, current: Lsn) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        for (sql, params) in &pending {
+            if !self.statements.contains_key(sql) {
+                let types = vec![tokio_postgres::types::Type::TEXT; params.len()];
+                let st = client.prepare_typed(sql, &types).await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "prepare a change of the source transaction at {current} on the target: {}: {sql}",
+                        db_error_line(&e)
+                    )
+                })?;
+                self.statements.insert(sql.clone(), st);
+            }
+        }
+        let runs = pending.iter().map(|(sql, params)| {
+            let st = &self.statements[sql];
+            let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            async move { client.execute(st, &values).await }
+        });
+        futures::future::try_join_all(runs).await.map_err(|e| {
+            anyhow::anyhow!(
+                "apply the source transactions up to {current} on the target: {}",
+                db_error_line(&e)
+            )
+        })?;
+        Ok(())
+    }
+}
+
 /// Apply one batch (`core::change_batch`, in the blocks of `frames` after the header) in one
 /// target transaction with the job's follow position. A transaction at or below the position
 /// already recorded is skipped, so a batch sent again after any crash applies nothing twice;
@@ -172,6 +226,7 @@ where
     let mut raw_bytes = 0u64;
     let (mut skipping, mut current) = (false, Lsn(0));
     let mut run = String::new();
+    let mut prepared = Prepared::default();
     let flush = |run: &mut String, current: Lsn| {
         let sql = std::mem::take(run);
         async move {
@@ -213,6 +268,8 @@ where
                             }
                         }
                         Record::Statement(sql) if !skipping => {
+                            // In order: the prepared changes before it go first.
+                            prepared.flush(client, current).await?;
                             run.push_str(&sql);
                             run.push_str(";\n");
                             done.statements += 1;
@@ -220,13 +277,22 @@ where
                                 flush(&mut run, current).await?;
                             }
                         }
-                        Record::Statement(_) => {}
-                        Record::End => flush(&mut run, current).await?,
+                        Record::Prepared { sql, params } if !skipping => {
+                            flush(&mut run, current).await?;
+                            done.statements += 1;
+                            prepared.push(sql, params);
+                            if prepared.pending.len() >= PIPELINE {
+                                prepared.flush(client, current).await?;
+                            }
+                        }
+                        Record::Statement(_) | Record::Prepared { .. } | Record::End => {}
                     }
                 }
             }
             Some(Frame::Trailer(t)) => {
                 decoder.finish()?;
+                flush(&mut run, current).await?;
+                prepared.flush(client, current).await?;
                 anyhow::ensure!(
                     t.raw_bytes == raw_bytes && t.digest == hasher.finalize().as_bytes().as_slice(),
                     "the change batch's blake3 does not match its trailer ({raw_bytes} bytes arrived, {} sent): nothing of it was applied",

@@ -11,9 +11,11 @@
 //! (protocol 1) sends a transaction only once it committed, in one piece, so a batch never
 //! waits on a transaction still running.
 //!
-//! A batch is closed after a transaction's end when the stream has nothing more at once, or
-//! when it holds [`BATCH_BYTES`]: many small transactions share one target transaction and one
-//! round trip, and none waits long for company.
+//! A batch is closed after a transaction's end when the stream has nothing more at once, when
+//! it holds [`BATCH_BYTES`], or once it has been open [`BATCH_AGE`]: many small transactions
+//! share one target transaction and one round trip, none waits long for company, and a
+//! follower catching up with a backlog still commits every few hundred milliseconds (the lag
+//! is the batch's age plus its apply, not the size of the backlog).
 //!
 //! Restarts: the stream starts where the slot was last confirmed, which is never past what the
 //! target holds; a transaction sent again is skipped by the receiver (its commit position is at
@@ -38,6 +40,9 @@ use crate::replication::{Event, Replication};
 
 /// A batch is closed once it holds this many raw bytes (at a transaction's end).
 pub const BATCH_BYTES: usize = 4 << 20;
+
+/// A batch is closed (at a transaction's end) once it has been open this long.
+const BATCH_AGE: Duration = Duration::from_millis(200);
 
 /// How long a closed transaction waits for the next one to share its batch.
 const LINGER: Duration = Duration::from_millis(5);
@@ -85,6 +90,7 @@ struct Batch {
     transactions: u32,
     last: (Lsn, Lsn, i64),
     in_transaction: bool,
+    opened: std::time::Instant,
 }
 
 impl Batch {
@@ -112,6 +118,7 @@ impl Batch {
             transactions: 0,
             last: (Lsn(0), Lsn(0), 0),
             in_transaction: false,
+            opened: std::time::Instant::now(),
         }
     }
 
@@ -197,6 +204,10 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut repl = Replication::connect(source, &format!("haul-follow-{}", spec.job_id)).await?;
+    // Where the columns' type names come from, for changes sent as prepared statements.
+    let catalog = source
+        .connect(&format!("haul-follow-types-{}", spec.job_id))
+        .await?;
     repl.start(&spec.slot, Lsn(0), std::slice::from_ref(&spec.publication))
         .await?;
     let mut relations = Relations::default();
@@ -213,9 +224,9 @@ pub async fn run(
         let closable = batch
             .as_ref()
             .is_some_and(|b| !b.in_transaction && b.transactions > 0);
-        let full = batch
-            .as_ref()
-            .is_some_and(|b| b.raw_bytes as usize + b.block.len() >= BATCH_BYTES);
+        let full = batch.as_ref().is_some_and(|b| {
+            b.raw_bytes as usize + b.block.len() >= BATCH_BYTES || b.opened.elapsed() >= BATCH_AGE
+        });
         let event = if closable && full {
             None
         } else if closable {
@@ -313,19 +324,29 @@ pub async fn run(
                             check_relation(spec, &tables, schema, name, columns)?;
                         }
                         relations.learn(&m);
+                        if let Message::Relation { id, .. } = &m {
+                            if let Some(types) = type_names(&catalog, columns).await {
+                                relations.set_types(*id, types);
+                            }
+                        }
                     }
                     _ => {
-                        if let Some(sql) = relations.statement(&m)? {
+                        if let Some((sql, params)) = relations.prepared(&m)? {
+                            let size =
+                                sql.len() + params.iter().flatten().map(String::len).sum::<usize>();
                             anyhow::ensure!(
-                                sql.len() <= change_batch::MAX_STATEMENT_BYTES,
-                                "a change of {} bytes is larger than haul can apply",
-                                sql.len()
+                                size <= change_batch::MAX_STATEMENT_BYTES,
+                                "a change of {size} bytes is larger than haul can apply"
                             );
+                            let record = if params.is_empty() {
+                                Record::Statement(sql)
+                            } else {
+                                Record::Prepared { sql, params }
+                            };
                             let b = batch
                                 .as_mut()
                                 .context("a change outside a transaction in the change stream")?;
-                            b.write(&Record::Statement(sql), spec.codec, limiter)
-                                .await?;
+                            b.write(&record, spec.codec, limiter).await?;
                         }
                     }
                 }
@@ -549,6 +570,30 @@ pub async fn drop_slot_and_publication(
             )
         })?;
     Ok(())
+}
+
+/// The SQL names of a relation's column types (`format_type` on the source), or none when
+/// any cannot be named (its changes then go as literals).
+async fn type_names(
+    client: &tokio_postgres::Client,
+    columns: &[pgoutput::RelColumn],
+) -> Option<Vec<String>> {
+    let oids: Vec<i64> = columns.iter().map(|c| c.type_oid as i64).collect();
+    let mods: Vec<i32> = columns.iter().map(|c| c.type_modifier).collect();
+    let rows = client
+        .query(
+            "SELECT format_type(t.o::oid, t.m) FROM unnest($1::int8[], $2::int4[]) \
+             WITH ORDINALITY AS t(o, m, n) ORDER BY t.n",
+            &[&oids, &mods],
+        )
+        .await
+        .ok()?;
+    let names: Vec<Option<String>> = rows.iter().map(|r| r.get(0)).collect();
+    // format_type names a type that does not exist "???".
+    names
+        .into_iter()
+        .map(|n| n.filter(|n| !n.contains("???")))
+        .collect()
 }
 
 /// The target's columns of one table now, through the receiver (None: not on the target).

@@ -268,6 +268,12 @@ fn main() -> anyhow::Result<()> {
         }
         _ => 0.0,
     };
+    // The trend: the mean of the first five samples against the last five.
+    let avg = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (lag_first, lag_last) = (
+        avg(&lag_secs[..lag_secs.len().min(5)]),
+        avg(&lag_secs[lag_secs.len().saturating_sub(5)..]),
+    );
     lag_secs.sort_by(f64::total_cmp);
     lag_bytes.sort();
     let pct = |p: f64| -> (f64, u64) {
@@ -291,6 +297,14 @@ fn main() -> anyhow::Result<()> {
             lag_secs.len()
         );
     }
+    println!(
+        "lag trend       {lag_first:.2} s over the first five samples, {lag_last:.2} s over the last five: {}",
+        if lag_last <= lag_first.max(2.0) {
+            "the apply keeps up"
+        } else {
+            "the apply falls behind"
+        }
+    );
     println!(
         "cutover         {cutover_secs:.1} s from the end of writes to a verified, finished job"
     );

@@ -5,6 +5,9 @@
 //! - `T` commit LSN (u64), end LSN (u64), commit time (i64, microseconds since 2000-01-01): a
 //!   transaction begins; its position is what the receiver records and skips by;
 //! - `S` length (u32), SQL text: one statement of it (`core::change_sql`);
+//! - `P` length (u32), SQL text with parameters, their count (u16), and each parameter as a
+//!   length (i32, -1 for NULL) and its text: one change as a statement the target prepares
+//!   once for all the changes of its shape;
 //! - `E`: it ends.
 //!
 //! Integers are big-endian. A record may be cut anywhere by a block boundary; [`Decoder`] takes
@@ -27,6 +30,10 @@ pub enum Record {
         commit_time: i64,
     },
     Statement(String),
+    Prepared {
+        sql: String,
+        params: Vec<Option<String>>,
+    },
     End,
 }
 
@@ -48,8 +55,69 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
             out.extend_from_slice(&(sql.len() as u32).to_be_bytes());
             out.extend_from_slice(sql.as_bytes());
         }
+        Record::Prepared { sql, params } => {
+            out.push(b'P');
+            out.extend_from_slice(&(sql.len() as u32).to_be_bytes());
+            out.extend_from_slice(sql.as_bytes());
+            out.extend_from_slice(&(params.len() as u16).to_be_bytes());
+            for p in params {
+                match p {
+                    Some(v) => {
+                        out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        out.extend_from_slice(v.as_bytes());
+                    }
+                    None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+        }
         Record::End => out.push(b'E'),
     }
+}
+
+/// A prepared record's bytes, if all of them are in `rest` (which starts at its tag): the
+/// record and its length.
+fn prepared(rest: &[u8]) -> anyhow::Result<Option<(Record, usize)>> {
+    let text = |b: &[u8]| -> anyhow::Result<String> {
+        std::str::from_utf8(b)
+            .map(str::to_string)
+            .map_err(|_| anyhow::anyhow!("a change batch holds a statement that is not UTF-8"))
+    };
+    if rest.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+    if len > MAX_STATEMENT_BYTES {
+        bail!("a change batch declares a statement of {len} bytes, more than the {MAX_STATEMENT_BYTES} allowed");
+    }
+    let mut at = 5 + len;
+    if rest.len() < at + 2 {
+        return Ok(None);
+    }
+    let sql = text(&rest[5..5 + len])?;
+    let n = u16::from_be_bytes([rest[at], rest[at + 1]]) as usize;
+    at += 2;
+    let mut params = Vec::with_capacity(n);
+    for _ in 0..n {
+        if rest.len() < at + 4 {
+            return Ok(None);
+        }
+        let l = i32::from_be_bytes([rest[at], rest[at + 1], rest[at + 2], rest[at + 3]]);
+        at += 4;
+        if l < 0 {
+            params.push(None);
+            continue;
+        }
+        let l = l as usize;
+        if l > MAX_STATEMENT_BYTES {
+            bail!("a change batch declares a value of {l} bytes, more than the {MAX_STATEMENT_BYTES} allowed");
+        }
+        if rest.len() < at + l {
+            return Ok(None);
+        }
+        params.push(Some(text(&rest[at..at + l])?));
+        at += l;
+    }
+    Ok(Some((Record::Prepared { sql, params }, at)))
 }
 
 /// Whole records out of bytes that arrive in pieces.
@@ -104,13 +172,17 @@ impl Decoder {
                     })?;
                     (Record::Statement(sql.to_string()), 5 + len)
                 }
+                b'P' => match prepared(rest)? {
+                    Some(r) => r,
+                    None => break,
+                },
                 b'E' => (Record::End, 1),
                 other => bail!("a change batch holds a record of unknown kind {other:#04x}"),
             };
             match (&record, self.open) {
                 (Record::Begin { .. }, false) => self.open = true,
                 (Record::End, true) => self.open = false,
-                (Record::Statement(_), true) => {}
+                (Record::Statement(_) | Record::Prepared { .. }, true) => {}
                 (Record::Begin { .. }, true) => {
                     bail!("a change batch begins a transaction inside another")
                 }
@@ -145,6 +217,14 @@ mod tests {
             },
             Record::Statement("INSERT INTO \"t\" VALUES ('é')".into()),
             Record::Statement("DELETE FROM \"t\" WHERE id = '1'".into()),
+            Record::Prepared {
+                sql: "UPDATE t SET a = $1::int, b = $2::text WHERE id = $3::int".into(),
+                params: vec![Some("5".into()), None, Some("é".into())],
+            },
+            Record::Prepared {
+                sql: "TRUNCATE t".into(),
+                params: vec![],
+            },
             Record::End,
             Record::Begin {
                 commit_lsn: 0x1_0000_0080,

@@ -25,6 +25,9 @@ pub struct Relation {
     pub name: String,
     pub replica_identity: u8,
     pub columns: Vec<RelColumn>,
+    /// Each column's type as SQL names it (`format_type`), when the follower looked them up:
+    /// then changes go as prepared statements whose text parameters are cast to these.
+    pub types: Vec<String>,
 }
 
 impl Relation {
@@ -57,6 +60,7 @@ impl Relations {
                     name: name.clone(),
                     replica_identity: *replica_identity,
                     columns: columns.clone(),
+                    types: Vec::new(),
                 },
             );
             return true;
@@ -70,15 +74,55 @@ impl Relations {
         })
     }
 
-    /// The statement that applies one change (INSERT, UPDATE, DELETE or TRUNCATE); `None` for
-    /// a message that changes no rows.
-    pub fn statement(&self, m: &Message) -> anyhow::Result<Option<String>> {
-        Ok(Some(match m {
-            Message::Insert { relation, new } => insert(self.get(*relation)?, new)?,
-            Message::Update { relation, old, new } => {
-                update(self.get(*relation)?, old.as_deref(), new)?
+    /// Give relation `id` its columns' type names (one per column, in order).
+    pub fn set_types(&mut self, id: u32, types: Vec<String>) {
+        if let Some(r) = self.by_id.get_mut(&id) {
+            if types.len() == r.columns.len() {
+                r.types = types;
             }
-            Message::Delete { relation, old } => delete(self.get(*relation)?, old)?,
+        }
+    }
+
+    /// The statement that applies one change (INSERT, UPDATE, DELETE or TRUNCATE), values
+    /// written as literals; `None` for a message that changes no rows.
+    pub fn statement(&self, m: &Message) -> anyhow::Result<Option<String>> {
+        Ok(self.build(m, false)?.map(|(sql, _)| sql))
+    }
+
+    /// The same change as a statement with parameters (`$1::TYPE`, sent as text, NULL as
+    /// none) and their values, when the relation's types are known: one statement text per
+    /// table, kind and set of unchanged columns, which the target prepares once and plans
+    /// once, instead of parsing and planning every change. Otherwise, as `statement`, with no
+    /// parameters.
+    pub fn prepared(&self, m: &Message) -> anyhow::Result<Option<(String, Vec<Option<String>>)>> {
+        self.build(m, true)
+    }
+
+    fn build(
+        &self,
+        m: &Message,
+        params: bool,
+    ) -> anyhow::Result<Option<(String, Vec<Option<String>>)>> {
+        let sink = |rel: &Relation| Sink {
+            types: (params && rel.types.len() == rel.columns.len()).then(|| rel.types.clone()),
+            params: Vec::new(),
+        };
+        let (sql, sink) = match m {
+            Message::Insert { relation, new } => {
+                let rel = self.get(*relation)?;
+                let mut k = sink(rel);
+                (insert(rel, new, &mut k)?, k)
+            }
+            Message::Update { relation, old, new } => {
+                let rel = self.get(*relation)?;
+                let mut k = sink(rel);
+                (update(rel, old.as_deref(), new, &mut k)?, k)
+            }
+            Message::Delete { relation, old } => {
+                let rel = self.get(*relation)?;
+                let mut k = sink(rel);
+                (delete(rel, old, &mut k)?, k)
+            }
             Message::Truncate {
                 cascade,
                 restart_identity,
@@ -88,19 +132,50 @@ impl Relations {
                     .iter()
                     .map(|id| self.get(*id).map(Relation::quoted))
                     .collect::<anyhow::Result<Vec<_>>>()?;
-                format!(
-                    "TRUNCATE ONLY {}{}{}",
-                    names.join(", "),
-                    if *restart_identity {
-                        " RESTART IDENTITY"
-                    } else {
-                        ""
+                (
+                    format!(
+                        "TRUNCATE ONLY {}{}{}",
+                        names.join(", "),
+                        if *restart_identity {
+                            " RESTART IDENTITY"
+                        } else {
+                            ""
+                        },
+                        if *cascade { " CASCADE" } else { "" }
+                    ),
+                    Sink {
+                        types: None,
+                        params: Vec::new(),
                     },
-                    if *cascade { " CASCADE" } else { "" }
                 )
             }
             _ => return Ok(None),
-        }))
+        };
+        Ok(Some((sql, sink.params)))
+    }
+}
+
+/// Where a change's values go: into the SQL as literals, or out as parameters cast to their
+/// columns' types.
+struct Sink {
+    types: Option<Vec<String>>,
+    params: Vec<Option<String>>,
+}
+
+impl Sink {
+    /// The SQL for column `i`'s value; `None` for one left unchanged.
+    fn value(&mut self, i: usize, v: &Value) -> Option<String> {
+        match (&self.types, v) {
+            (_, Value::Unchanged) => None,
+            (None, v) => literal(v),
+            (Some(types), v) => {
+                self.params.push(match v {
+                    Value::Text(t) => Some(t.clone()),
+                    _ => None,
+                });
+                Some(format!("${}::{}", self.params.len(), types[i]))
+            }
+        }
     }
 }
 
@@ -126,12 +201,12 @@ fn check_width(rel: &Relation, values: &[Value]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn insert(rel: &Relation, new: &[Value]) -> anyhow::Result<String> {
+fn insert(rel: &Relation, new: &[Value], sink: &mut Sink) -> anyhow::Result<String> {
     check_width(rel, new)?;
     let mut cols = Vec::with_capacity(new.len());
     let mut vals = Vec::with_capacity(new.len());
-    for (c, v) in rel.columns.iter().zip(new) {
-        let Some(l) = literal(v) else {
+    for (i, (c, v)) in rel.columns.iter().zip(new).enumerate() {
+        let Some(l) = sink.value(i, v) else {
             bail!(
                 "an insert into {}.{} left column {} unchanged",
                 rel.schema,
@@ -151,7 +226,12 @@ fn insert(rel: &Relation, new: &[Value]) -> anyhow::Result<String> {
 }
 
 /// The condition that finds the row a change names.
-fn locate(rel: &Relation, old: Option<&[Value]>, new: &[Value]) -> anyhow::Result<String> {
+fn locate(
+    rel: &Relation,
+    old: Option<&[Value]>,
+    new: &[Value],
+    sink: &mut Sink,
+) -> anyhow::Result<String> {
     let full = rel.replica_identity == b'f';
     let row = match old {
         Some(o) => {
@@ -161,11 +241,11 @@ fn locate(rel: &Relation, old: Option<&[Value]>, new: &[Value]) -> anyhow::Resul
         None => new,
     };
     let mut parts = Vec::new();
-    for (c, v) in rel.columns.iter().zip(row) {
+    for (i, (c, v)) in rel.columns.iter().zip(row).enumerate() {
         if !(full || c.key) {
             continue;
         }
-        match literal(v) {
+        match sink.value(i, v) {
             Some(l) if full => {
                 parts.push(format!("{} IS NOT DISTINCT FROM {l}", quote_ident(&c.name)))
             }
@@ -199,13 +279,22 @@ fn locate(rel: &Relation, old: Option<&[Value]>, new: &[Value]) -> anyhow::Resul
     })
 }
 
-fn update(rel: &Relation, old: Option<&[Value]>, new: &[Value]) -> anyhow::Result<String> {
+fn update(
+    rel: &Relation,
+    old: Option<&[Value]>,
+    new: &[Value],
+    sink: &mut Sink,
+) -> anyhow::Result<String> {
     check_width(rel, new)?;
     let sets: Vec<String> = rel
         .columns
         .iter()
         .zip(new)
-        .filter_map(|(c, v)| literal(v).map(|l| format!("{} = {l}", quote_ident(&c.name))))
+        .enumerate()
+        .filter_map(|(i, (c, v))| {
+            sink.value(i, v)
+                .map(|l| format!("{} = {l}", quote_ident(&c.name)))
+        })
         .collect();
     if sets.is_empty() {
         bail!("an update of {}.{} changes no column", rel.schema, rel.name);
@@ -214,15 +303,15 @@ fn update(rel: &Relation, old: Option<&[Value]>, new: &[Value]) -> anyhow::Resul
         "UPDATE ONLY {} SET {} WHERE {}",
         rel.quoted(),
         sets.join(", "),
-        locate(rel, old, new)?
+        locate(rel, old, new, sink)?
     ))
 }
 
-fn delete(rel: &Relation, old: &[Value]) -> anyhow::Result<String> {
+fn delete(rel: &Relation, old: &[Value], sink: &mut Sink) -> anyhow::Result<String> {
     Ok(format!(
         "DELETE FROM ONLY {} WHERE {}",
         rel.quoted(),
-        locate(rel, Some(old), old)?
+        locate(rel, Some(old), old, sink)?
     ))
 }
 
@@ -310,6 +399,67 @@ mod tests {
             })
             .expect("none"),
             None
+        );
+    }
+
+    #[test]
+    fn with_types_known_a_change_is_one_statement_text_and_its_values() {
+        let mut r = rels(b'd');
+        // Types unknown: literals, no parameters.
+        let upd = Message::Update {
+            relation: 7,
+            old: None,
+            new: vec![t("1"), Value::Unchanged],
+        };
+        assert_eq!(
+            r.prepared(&upd).expect("sql"),
+            Some((
+                r#"UPDATE ONLY "Sales"."docs" SET "id" = '1' WHERE "id" = '1'"#.to_string(),
+                vec![]
+            ))
+        );
+        r.set_types(7, vec!["integer".into(), "text".into()]);
+        assert_eq!(
+            r.prepared(&upd).expect("sql"),
+            Some((
+                r#"UPDATE ONLY "Sales"."docs" SET "id" = $1::integer WHERE "id" = $2::integer"#
+                    .to_string(),
+                vec![Some("1".into()), Some("1".into())]
+            ))
+        );
+        // Two inserts, one with a NULL: the same text, so one prepared statement.
+        let a = r
+            .prepared(&Message::Insert {
+                relation: 7,
+                new: vec![t("1"), t("x")],
+            })
+            .expect("sql")
+            .expect("some");
+        let b = r
+            .prepared(&Message::Insert {
+                relation: 7,
+                new: vec![t("2"), Value::Null],
+            })
+            .expect("sql")
+            .expect("some");
+        assert_eq!(a.0, b.0);
+        assert_eq!(
+            a.0,
+            r#"INSERT INTO "Sales"."docs" ("id", "body") VALUES ($1::integer, $2::text)"#
+        );
+        assert_eq!(b.1, vec![Some("2".to_string()), None]);
+        // A wrong count of types is not taken.
+        let mut r = rels(b'f');
+        r.set_types(7, vec!["integer".into()]);
+        let del = Message::Delete {
+            relation: 7,
+            old: vec![t("1"), Value::Null],
+        };
+        assert!(r.prepared(&del).expect("sql").expect("some").1.is_empty());
+        r.set_types(7, vec!["integer".into(), "text".into()]);
+        assert_eq!(
+            r.prepared(&del).expect("sql").expect("some").0,
+            r#"DELETE FROM ONLY "Sales"."docs" WHERE ctid = (SELECT ctid FROM ONLY "Sales"."docs" WHERE "id" IS NOT DISTINCT FROM $1::integer AND "body" IS NOT DISTINCT FROM $2::text LIMIT 1)"#
         );
     }
 
