@@ -110,11 +110,20 @@ const PIPELINE: usize = 512;
 struct Prepared {
     statements: std::collections::HashMap<String, tokio_postgres::Statement>,
     pending: Vec<(String, Vec<Option<String>>)>,
+    /// Bytes of the values pending: a run is sent at [`RUN_BYTES`] too, so a run of rows
+    /// with large values does not pile up in memory.
+    pending_bytes: usize,
 }
 
 impl Prepared {
     fn push(&mut self, sql: String, params: Vec<Option<String>>) {
+        self.pending_bytes += sql.len() + params.iter().flatten().map(String::len).sum::<usize>();
         self.pending.push((sql, params));
+    }
+
+    /// Whether what is pending should go now.
+    fn full(&self) -> bool {
+        self.pending.len() >= PIPELINE || self.pending_bytes >= RUN_BYTES
     }
 
     /// Run what is pending, in order, pipelined.
@@ -123,6 +132,7 @@ impl Prepared {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
         for (sql, params) in &pending {
             if !self.statements.contains_key(sql) {
                 let types = vec![tokio_postgres::types::Type::TEXT; params.len()];
@@ -281,7 +291,7 @@ where
                             flush(&mut run, current).await?;
                             done.statements += 1;
                             prepared.push(sql, params);
-                            if prepared.pending.len() >= PIPELINE {
+                            if prepared.full() {
                                 prepared.flush(client, current).await?;
                             }
                         }
