@@ -281,6 +281,29 @@ fn slots_and_publications(m: &Move) -> anyhow::Result<String> {
     )
 }
 
+/// `haul cutover --wait --timeout TIMEOUT [EXTRA]` on the move's coordinator: whether it
+/// succeeded, and what it printed on stdout and stderr.
+fn cutover(m: &Move, timeout: &str, extra: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let out = std::process::Command::new(&m.bin)
+        .args([
+            "cutover",
+            "--coordinator",
+            &m.coord,
+            "--certs",
+            &m.certs,
+            "--wait",
+            "--timeout",
+            timeout,
+        ])
+        .args(extra)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// `haul start --follow`: the copy reads the slot's snapshot while the application writes;
 /// the job goes on to follow, status shows the lag; `haul cutover` catches up once the writes
 /// stop, sets sequences, verifies, and leaves the target equal to the source with no slot,
@@ -366,24 +389,10 @@ fn start_follow_then_cutover_leaves_the_target_equal() -> anyhow::Result<()> {
     assert!(slots_and_publications(&m)?.starts_with("1 slots, 1 publications"));
 
     // Cut over: the writes have stopped.
-    let out = std::process::Command::new(&m.bin)
-        .args([
-            "cutover",
-            "--coordinator",
-            &m.coord,
-            "--certs",
-            &m.certs,
-            "--wait",
-            "--timeout",
-            "3m",
-            "--read-only-source",
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, stdout, stderr) = cutover(&m, "3m", &["--read-only-source"])?;
     assert!(
-        out.status.success(),
-        "cutover failed: {stdout}\n{}\ncoordinator:\n{}\nsender:\n{}\nreceiver:\n{}",
-        String::from_utf8_lossy(&out.stderr),
+        ok,
+        "cutover failed: {stdout}\n{stderr}\ncoordinator:\n{}\nsender:\n{}\nreceiver:\n{}",
         m.coordinator.log_text(),
         m.sender.log_text(),
         m.receiver.log_text()
@@ -726,21 +735,9 @@ fn a_column_added_while_following_pauses_until_the_target_has_it() -> anyhow::Re
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = std::process::Command::new(&m.bin)
-        .args([
-            "cutover",
-            "--coordinator",
-            &m.coord,
-            "--certs",
-            &m.certs,
-            "--wait",
-            "--timeout",
-            "2m",
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, stdout, _) = cutover(&m, "2m", &[])?;
     assert!(
-        out.status.success(),
+        ok,
         "cutover failed: {stdout}\nsender:\n{}",
         m.sender.log_text()
     );
@@ -803,21 +800,9 @@ fn a_restarted_target_and_a_cut_link_while_following_lose_nothing() -> anyhow::R
         std::thread::sleep(Duration::from_millis(500));
     }
     write(&m, 100, 20)?;
-    let out = std::process::Command::new(&m.bin)
-        .args([
-            "cutover",
-            "--coordinator",
-            &m.coord,
-            "--certs",
-            &m.certs,
-            "--wait",
-            "--timeout",
-            "3m",
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, stdout, _) = cutover(&m, "3m", &[])?;
     assert!(
-        out.status.success(),
+        ok,
         "cutover failed: {stdout}\nsender:\n{}\nreceiver:\n{}",
         m.sender.log_text(),
         m.receiver.log_text()

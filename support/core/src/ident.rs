@@ -152,6 +152,23 @@ fn glob(p: &[u8], s: &[u8]) -> bool {
     pi == p.len()
 }
 
+/// The replication slot and publication of a `--follow` job: `haul_` and the job id, made fit
+/// for a slot name (lower-case letters, digits and underscores, at most 63 bytes).
+pub fn follow_names(job_id: &str) -> (String, String) {
+    let id: String = job_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let name: String = format!("haul_{id}").chars().take(63).collect();
+    (name.clone(), name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,19 +225,3 @@ mod tests {
     }
 }
 
-/// The replication slot and publication of a `--follow` job: `haul_` and the job id, made fit
-/// for a slot name (lower-case letters, digits and underscores, at most 63 bytes).
-pub fn follow_names(job_id: &str) -> (String, String) {
-    let id: String = job_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let name: String = format!("haul_{id}").chars().take(63).collect();
-    (name.clone(), name)
-}
