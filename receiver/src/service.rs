@@ -551,12 +551,16 @@ impl ReceiverService {
         let _hold = self.inner.spool.hold();
 
         let (file, hasher, mut record) = if header.resume_from > 0 {
+            // The same snapshot is what matters; the codec may differ from the first
+            // stream's (`--codec auto` chooses per block, and every spooled frame names its
+            // own), so the spool is read with the codec its record names for frames that
+            // do not.
             let record = partials
                 .record(job_id, chunk_id)
-                .filter(|r| r.snapshot_id == header.snapshot_id && r.codec == header.codec);
-            let scan = match claim.scan.take() {
-                Some(s) if s.offset == header.resume_from => Some(s),
-                _ if record.is_some() => Some(partial::scan(&path, codec).await?),
+                .filter(|r| r.snapshot_id == header.snapshot_id);
+            let scan = match (claim.scan.take(), &record) {
+                (Some(s), _) if s.offset == header.resume_from => Some(s),
+                (_, Some(r)) => Some(partial::scan(&path, Codec::from_wire(r.codec, 0)?).await?),
                 _ => None,
             };
             match (record, scan) {
