@@ -145,8 +145,12 @@ impl Prepared {
                 self.statements.insert(sql.clone(), st);
             }
         }
-        let runs = pending.iter().map(|(sql, params)| {
-            let st = &self.statements[sql];
+        let prepared = pending
+            .iter()
+            .map(|(sql, params)| self.statements.get(sql).map(|st| (st, params)))
+            .collect::<Option<Vec<_>>>()
+            .context("a change's prepared statement went missing before it ran")?;
+        let runs = prepared.into_iter().map(|(st, params)| {
             let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
                 .iter()
                 .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
