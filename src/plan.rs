@@ -39,16 +39,22 @@ pub async fn run(a: PlanArgs) -> anyhow::Result<ExitCode> {
         .await
         .context("open a read-only transaction on the source")?;
     let filter = haul_core::ident::TableFilter::of(&options);
-    let mut tables =
-        haul_sender::catalog::measure_tables(&client, &filter, options.chunk_bytes).await?;
+    // Cut as the job would be: a small job finer than --chunk-size.
+    let (mut tables, chunk_bytes) = haul_sender::catalog::measure_job_tables(
+        &client,
+        &filter,
+        options.chunk_bytes,
+        haul_core::chunk::in_flight_limit(options.jobs, options.connections),
+    )
+    .await?;
     let large_objects = if filter.whole_database() {
-        haul_sender::catalog::measure_large_objects(&client, options.chunk_bytes).await?
+        haul_sender::catalog::measure_large_objects(&client, chunk_bytes).await?
     } else {
         None
     };
     let has_large_objects = large_objects.is_some();
     tables.extend(large_objects);
-    let plans = haul_core::chunk::plan(&tables, options.chunk_bytes);
+    let plans = haul_core::chunk::plan(&tables, chunk_bytes);
     let groups = haul_core::chunk::group_small(&plans, |p| {
         tables
             .get(p.table)

@@ -648,6 +648,18 @@ impl Job {
             .count()
     }
 
+    /// How many of `agent`'s leases head one of `chunk_ids`.
+    pub fn leases_held_among(&self, agent: &str, chunk_ids: &[u64]) -> usize {
+        self.chunks
+            .iter()
+            .filter(|c| {
+                c.heads_lease()
+                    && chunk_ids.contains(&c.id)
+                    && matches!(&c.state, ChunkState::Leased { agent: a, .. } if a == agent)
+            })
+            .count()
+    }
+
     pub fn leases_held_by(&self, agent: &str) -> usize {
         self.chunks
             .iter()

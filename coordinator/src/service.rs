@@ -195,7 +195,13 @@ impl State {
     }
 
     /// The next task for `agent`, if any.
-    fn next_task(&mut self, agent: &str, lease_timeout: Duration) -> Option<pb::sender_task::Task> {
+    /// `sending`: the chunks, by job and id, this sender has read whole and is still sending.
+    fn next_task(
+        &mut self,
+        agent: &str,
+        lease_timeout: Duration,
+        sending: &[pb::SendingChunk],
+    ) -> Option<pb::sender_task::Task> {
         let receiver = self.pick_receiver();
         let minute = crate::cap::minute_now(&self.time_zone);
         let timeout_ms = lease_timeout.as_millis() as u64;
@@ -294,7 +300,20 @@ impl State {
                     if j.all_done() {
                         j.record.phase = Phase::Finalizing;
                     } else {
-                        if j.leases_held_by(agent) >= j.record.options.jobs.max(1) as usize {
+                        // At most `jobs` of this sender's leases read the source at once; chunks
+                        // read whole and still crossing a slow link count only against the
+                        // chunks it may have in flight (`core::chunk::in_flight_limit`).
+                        let held = j.leases_held_by(agent);
+                        let crossing: Vec<u64> = sending
+                            .iter()
+                            .filter(|c| c.job_id == j.record.id)
+                            .map(|c| c.chunk_id)
+                            .collect();
+                        let reading = held.saturating_sub(j.leases_held_among(agent, &crossing));
+                        let o = &j.record.options;
+                        if reading >= o.jobs.max(1) as usize
+                            || held >= haul_core::chunk::in_flight_limit(o.jobs, o.connections)
+                        {
                             continue;
                         }
                         let receiver = receiver
@@ -672,6 +691,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SenderTask>, Status> {
         let who = haul_certs::require(&req, &[Role::Sender])?;
         let id = agent_id(who.role, &who.name);
+        let sending = req.get_ref().sending.clone();
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         loop {
             let notified = self.inner.work.notified();
@@ -681,7 +701,7 @@ impl Coordinator for CoordinatorService {
                     Some(a) => a.last_seen_ms = now_ms(),
                     None => return Err(Status::not_found("unknown agent: register first")),
                 }
-                if let Some(task) = st.next_task(&id, self.inner.lease_timeout) {
+                if let Some(task) = st.next_task(&id, self.inner.lease_timeout, &sending) {
                     if let pb::sender_task::Task::Chunk(l) = &task {
                         // Written down (not flushed: a lost lease only means a re-lease) so a
                         // restarted coordinator still knows who holds what.
@@ -747,7 +767,12 @@ impl Coordinator for CoordinatorService {
         if job.record.phase != Phase::Planning {
             return Ok(Response::new(pb::Empty {}));
         }
-        let plans = plan(&measures, job.record.options.chunk_bytes);
+        // Cut where the sender sampled its key cuts: a small job finer than --chunk-size.
+        let chunk_bytes = match r.chunk_bytes {
+            0 => job.record.options.chunk_bytes,
+            n => n,
+        };
+        let plans = plan(&measures, chunk_bytes);
         // Small tables go in groups: one lease, stream and transaction for many. Large objects
         // are read and restored their own way, alone.
         let groups = haul_core::chunk::group_small(&plans, |p| {

@@ -162,7 +162,32 @@ pub async fn measure_tables(
         }
     }
 
-    for t in &mut tables {
+    cut_tables(client, &mut tables, chunk_bytes).await?;
+    Ok(tables)
+}
+
+/// The tables a job moves, measured and cut at the job's chunk size
+/// (`core::chunk::job_chunk_bytes`: `--chunk-size`, or finer for a small job), with that size.
+pub async fn measure_job_tables(
+    client: &Client,
+    filter: &TableFilter,
+    chunk_bytes: u64,
+    in_flight: usize,
+) -> anyhow::Result<(Vec<TableMeasure>, u64)> {
+    let mut tables = measure_tables(client, filter, 0).await?;
+    let total = tables.iter().map(|t| t.bytes).sum();
+    let chunk_bytes = haul_core::chunk::job_chunk_bytes(total, chunk_bytes, in_flight);
+    cut_tables(client, &mut tables, chunk_bytes).await?;
+    Ok((tables, chunk_bytes))
+}
+
+/// Key cuts for the tables bigger than `chunk_bytes` that have an integer key.
+async fn cut_tables(
+    client: &Client,
+    tables: &mut [TableMeasure],
+    chunk_bytes: u64,
+) -> anyhow::Result<()> {
+    for t in tables.iter_mut() {
         let n = pieces(t.bytes, chunk_bytes);
         if n > 1 {
             if let Some(key) = t.split_key.clone() {
@@ -170,7 +195,7 @@ pub async fn measure_tables(
             }
         }
     }
-    Ok(tables)
+    Ok(())
 }
 
 /// The source's large objects as one pseudo table (`core::large_object`), if it has any:

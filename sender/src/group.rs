@@ -79,15 +79,15 @@ pub async fn run(
     }
 
     let connections = connections_for(lease.options.as_ref());
-    let mut receiver = shared
+    let (mut receiver, slot) = shared
         .peers
-        .receiver_for(
-            &lease.receiver_addr,
-            (lease.chunk_id as usize) % connections,
-        )
+        .stream_to(&lease.receiver_addr, connections)
         .await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::ChunkFrame>(FRAMES_IN_FLIGHT);
-    let call = tokio::spawn(async move { receiver.push_chunk(ReceiverStream::new(rx)).await });
+    let call = tokio::spawn(async move {
+        let _slot = slot;
+        receiver.push_chunk(ReceiverStream::new(rx)).await
+    });
     let header = pb::ChunkHeader {
         job_id: job_id.to_string(),
         chunk_id: lease.chunk_id,

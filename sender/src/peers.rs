@@ -2,9 +2,11 @@
 //! each reused by many streams: channels multiplex streams, and a fresh TLS handshake per chunk
 //! would cost a round trip or two on a long link. Several connections because one TCP flow on
 //! a long lossy path gets only about MSS / (RTT * sqrt(loss)), whatever the link could carry:
-//! chunk streams are spread over them (`receiver_for`).
+//! each chunk stream goes on the connection carrying the fewest streams (`stream_to`), so as
+//! many streams as are in flight each get a flow of their own.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use haul_certs::{Mtls, Role};
 use haul_proto::coordinator_client::CoordinatorClient;
@@ -17,6 +19,24 @@ pub struct Peers {
     coordinator: Channel,
     /// Receiver channels by advertised address and connection number, made on first use.
     receivers: Mutex<HashMap<(String, usize), Channel>>,
+    /// Chunk streams open on each of them.
+    streams: Arc<std::sync::Mutex<HashMap<(String, usize), usize>>>,
+}
+
+/// A chunk stream's place on one connection, given back when dropped.
+pub struct StreamSlot {
+    streams: Arc<std::sync::Mutex<HashMap<(String, usize), usize>>>,
+    key: (String, usize),
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.streams.lock() {
+            if let Some(n) = m.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
 }
 
 impl Peers {
@@ -26,6 +46,7 @@ impl Peers {
             tls,
             coordinator,
             receivers: Mutex::new(HashMap::new()),
+            streams: Arc::default(),
         })
     }
 
@@ -38,6 +59,33 @@ impl Peers {
     /// The receiver at `addr`, on its first connection (control calls, schema, finalize).
     pub async fn receiver(&self, addr: &str) -> anyhow::Result<ReceiverClient<Channel>> {
         self.receiver_for(addr, 0).await
+    }
+
+    /// The receiver at `addr` for a chunk stream: on whichever of its first `connections`
+    /// connections carries the fewest streams now (the lowest numbered of those), so streams in
+    /// flight do not share a flow while another connection idles. The slot holds the place
+    /// until the stream ends.
+    pub async fn stream_to(
+        &self,
+        addr: &str,
+        connections: usize,
+    ) -> anyhow::Result<(ReceiverClient<Channel>, StreamSlot)> {
+        let index = {
+            let mut m = self
+                .streams
+                .lock()
+                .map_err(|_| anyhow::anyhow!("stream counts poisoned"))?;
+            let index = (0..connections.max(1))
+                .min_by_key(|&i| (m.get(&(addr.to_string(), i)).copied().unwrap_or(0), i))
+                .unwrap_or(0);
+            *m.entry((addr.to_string(), index)).or_default() += 1;
+            index
+        };
+        let slot = StreamSlot {
+            streams: self.streams.clone(),
+            key: (addr.to_string(), index),
+        };
+        Ok((self.receiver_for(addr, index).await?, slot))
     }
 
     /// The receiver at `addr` on connection `index` (a TCP connection of its own).

@@ -77,11 +77,17 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     if options.create_schema {
         catalog::check_lock_capacity(&holder.client).await?;
     }
-    let mut tables = catalog::measure_tables(&holder.client, &filter, options.chunk_bytes).await?;
+    let (mut tables, chunk_bytes) = catalog::measure_job_tables(
+        &holder.client,
+        &filter,
+        options.chunk_bytes,
+        haul_core::chunk::in_flight_limit(options.jobs, options.connections),
+    )
+    .await?;
     // Large objects belong to the database, not to a table: they move with a whole-database
     // job, as pg_dump carries them only then.
     let large_objects = if filter.whole_database() {
-        catalog::measure_large_objects(&holder.client, options.chunk_bytes).await?
+        catalog::measure_large_objects(&holder.client, chunk_bytes).await?
     } else {
         None
     };
@@ -167,6 +173,7 @@ pub async fn run(shared: &Arc<Shared>, task: pb::PlanTask) -> anyhow::Result<()>
     let report = pb::PlanReport {
         job_id: job_id.clone(),
         snapshot_id,
+        chunk_bytes,
         schema_bytes: 0,
         follow,
         tables: tables

@@ -76,11 +76,17 @@ impl std::fmt::Display for PrefixMismatch {
 
 impl std::error::Error for PrefixMismatch {}
 
+/// `read_whole` is told once a staged chunk has been read whole from the source while it is
+/// still crossing, when neither the cap nor the receiver is what holds the job's streams back
+/// but each flow of the link is slow (`Shared::flows_are_slow`): the worker
+/// then goes on to its next lease, and this stream finishes on its own (chunks in flight
+/// beyond the source readers, to fill a long fat path).
 pub async fn run(
     shared: &Shared,
     reader: &mut Option<SnapshotReader>,
     lease: &pb::ChunkLease,
     limiter: &Limiter,
+    read_whole: Option<tokio::sync::oneshot::Sender<()>>,
 ) -> anyhow::Result<Outcome> {
     let table = table_from_wire(lease.table.as_ref())?;
     let columns: Vec<Column> = lease
@@ -107,14 +113,11 @@ pub async fn run(
         ),
     };
 
-    // Chunk streams spread over the job's connections to the receiver, by chunk id.
+    // Each stream on the least busy of the job's connections to the receiver.
     let connections = connections_for(lease.options.as_ref());
-    let mut receiver = shared
+    let (mut receiver, slot) = shared
         .peers
-        .receiver_for(
-            &lease.receiver_addr,
-            (lease.chunk_id as usize) % connections,
-        )
+        .stream_to(&lease.receiver_addr, connections)
         .await?;
     // Ask first only when it can save something: a re-lease (the receiver may hold part or
     // all of the chunk), or a chunk big enough that not re-sending it matters. Either way the
@@ -172,7 +175,10 @@ pub async fn run(
     let stage_now = staged.is_none() && shared.staging.reserve(job_id, chunk_id, lease.est_bytes);
 
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::ChunkFrame>(FRAMES_IN_FLIGHT);
-    let call = tokio::spawn(async move { receiver.push_chunk(ReceiverStream::new(rx)).await });
+    let call = tokio::spawn(async move {
+        let _slot = slot;
+        receiver.push_chunk(ReceiverStream::new(rx)).await
+    });
     let header = pb::ChunkHeader {
         job_id: job_id.to_string(),
         chunk_id,
@@ -249,7 +255,22 @@ pub async fn run(
             let path = shared.staging.path(job_id, chunk_id);
             // The file exists before the sending side opens it to follow it.
             let file = shared.staging.create(job_id, chunk_id).await?;
-            let stage = read.stage(job_id, chunk_id, &snapshot_id, file, progress_tx);
+            let mut read_whole = read_whole;
+            let stage = async {
+                let staged = read
+                    .stage(job_id, chunk_id, &snapshot_id, file, progress_tx)
+                    .await;
+                if staged.is_ok() && read.sent.not_capped() && shared.flows_are_slow(job_id) {
+                    if let Some(tx) = read_whole.take() {
+                        tracing::debug!(
+                            chunk = chunk_id, %table,
+                            "read whole; it crosses on its own while the next chunk is read"
+                        );
+                        let _ = tx.send(());
+                    }
+                }
+                staged
+            };
             let sent = async {
                 let mut sent = read
                     .send_staged(&path, progress.clone(), header.clone(), resume.as_ref())
@@ -352,12 +373,13 @@ enum Out<'a> {
     },
 }
 
-/// How many connections a job's streams use to each receiver: as asked, or the chunks in
-/// flight (at most 4) when left to haul.
+/// How many connections a job's streams may use to each receiver: as asked, or when left to
+/// haul one for each chunk it may have in flight. Connections open as streams need them, so a
+/// job with four streams at a time uses four.
 pub fn connections_for(options: Option<&pb::JobOptions>) -> usize {
     let o = options.cloned().unwrap_or_default();
     match o.connections {
-        0 => (o.jobs as usize).clamp(1, 4),
+        0 => haul_core::chunk::in_flight_limit(o.jobs, 0),
         n => (n as usize).clamp(1, 64),
     }
 }
@@ -392,13 +414,24 @@ struct Read<'a> {
 pub(crate) struct Sent {
     raw: std::sync::atomic::AtomicU64,
     waited_ns: std::sync::atomic::AtomicU64,
+    /// The part of the wait spent on the bandwidth cap (the rest: the HTTP/2 window, the path).
+    capped_ns: std::sync::atomic::AtomicU64,
 }
 
 impl Sent {
-    pub(crate) fn add(&self, raw: u64, waited_ns: u64) {
+    pub(crate) fn add(&self, raw: u64, waited_ns: u64, capped_ns: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         self.raw.fetch_add(raw, Relaxed);
         self.waited_ns.fetch_add(waited_ns, Relaxed);
+        self.capped_ns.fetch_add(capped_ns, Relaxed);
+    }
+
+    /// Whether the cap is not what holds this stream back: it has waited on the cap for at
+    /// most half its wait (none at all, early on, when the windows take all it sends).
+    fn not_capped(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (waited, capped) = (self.waited_ns.load(Relaxed), self.capped_ns.load(Relaxed));
+        capped <= waited / 2
     }
 
     pub(crate) fn get(&self) -> (u64, u64) {
@@ -777,6 +810,7 @@ pub(crate) async fn finish(
     // would not have shortened it.
     let held = std::time::Duration::from_millis(receipt.held_ms).as_nanos() as u64;
     shared.tune_send(job_id, raw, waited.saturating_sub(held));
+    shared.note_stream(job_id, raw, waited + transit.as_nanos() as u64, held);
     Ok(receipt)
 }
 
@@ -827,6 +861,7 @@ pub(crate) async fn send_block(
 ) -> anyhow::Result<()> {
     let waited = Instant::now();
     limiter.consume(payload.len()).await;
+    let capped = waited.elapsed().as_nanos() as u64;
     shared.stats.add_bytes(raw_len as u64, payload.len() as u64);
     shared.count_sent(job_id, payload.len() as u64);
     let block = pb::ChunkBlock {
@@ -843,7 +878,7 @@ pub(crate) async fn send_block(
     }
     // Time spent on the cap and the HTTP/2 window: what `--codec auto` weighs compression
     // against, told with the receipt (`finish`).
-    sent.add(raw_len as u64, waited.elapsed().as_nanos() as u64);
+    sent.add(raw_len as u64, waited.elapsed().as_nanos() as u64, capped);
     Ok(())
 }
 

@@ -58,7 +58,20 @@ pub struct Shared {
     pub finalized: Mutex<HashMap<String, Arc<Mutex<bool>>>>,
     /// Column shapes for row digests, from the source's catalog.
     pub shapes: haul_core::row_digest::ShapeCache,
+    /// Chunks read whole from the source and still crossing the link, by job and id: their
+    /// worker went on to the next lease (`work`), and the coordinator hears of them at every
+    /// poll, so their leases do not count against the job's source readers.
+    crossing: std::sync::Mutex<std::collections::HashSet<(String, u64)>>,
+    /// Source readers whose chunk went on crossing alone, for the next chunk of their job.
+    idle_readers: std::sync::Mutex<Vec<SnapshotReader>>,
+    /// Per job, what its streams waited for and how much of it the receiver held them back,
+    /// from each receipt: decayed sums of (raw bytes, wait, held), see `note_stream`.
+    holds: std::sync::Mutex<HashMap<String, (f64, f64, f64)>>,
 }
+
+/// A stream slower than this per raw byte (50 MB/s) because of the link, not the receiver,
+/// is held back by its flow: more streams at once fill more of the path.
+pub const FLOW_SLOW_NS_PER_BYTE: f64 = 20.0;
 
 struct Held {
     epoch: u64,
@@ -84,7 +97,82 @@ impl Shared {
             finalized: Mutex::new(HashMap::new()),
             shapes: Default::default(),
             incarnation: haul_core::state::incarnation(),
+            crossing: Default::default(),
+            idle_readers: Default::default(),
+            holds: Default::default(),
         })
+    }
+
+    /// A receipt's word on a stream of `job_id`: its `raw` bytes waited `waited_ns` for the
+    /// wire in all (blocks, then the last of them crossing), of which the receiver held it
+    /// back `held_ns` (loading into the target as it arrived, spool room, restoring).
+    pub fn note_stream(&self, job_id: &str, raw: u64, waited_ns: u64, held_ns: u64) {
+        if let Ok(mut m) = self.holds.lock() {
+            let e = m.entry(job_id.to_string()).or_default();
+            // Decayed, so the last few dozen receipts speak.
+            e.0 = e.0 * 0.9 + raw as f64;
+            e.1 = e.1 * 0.9 + waited_ns as f64;
+            e.2 = e.2 * 0.9 + held_ns.min(waited_ns) as f64;
+        }
+    }
+
+    /// Whether a chunk of `job_id` read whole may be left to cross alone while its worker
+    /// takes the next lease: the receipts so far say each stream is held to less than
+    /// [`FLOW_SLOW_NS_PER_BYTE`] by the link (not by the receiver, which held the streams
+    /// back for less than half their wait), so another stream on another flow fills more of
+    /// it. Before any receipt: no.
+    pub fn flows_are_slow(&self, job_id: &str) -> bool {
+        self.holds
+            .lock()
+            .ok()
+            .and_then(|m| m.get(job_id).copied())
+            .is_some_and(|(raw, w, h)| {
+                raw > 0.0 && h < 0.5 * w && (w - h) / raw >= FLOW_SLOW_NS_PER_BYTE
+            })
+    }
+
+    /// The chunks read whole and still crossing, for the coordinator.
+    fn crossing_now(&self) -> Vec<pb::SendingChunk> {
+        self.crossing
+            .lock()
+            .map(|s| {
+                s.iter()
+                    .map(|(job_id, chunk_id)| pb::SendingChunk {
+                        job_id: job_id.clone(),
+                        chunk_id: *chunk_id,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn set_crossing(&self, key: &(String, u64), on: bool) {
+        if let Ok(mut s) = self.crossing.lock() {
+            if on {
+                s.insert(key.clone());
+            } else {
+                s.remove(key);
+            }
+        }
+    }
+
+    /// Keep a reader for the next chunk of its job (a few at most; the rest close).
+    fn park_reader(&self, reader: SnapshotReader) {
+        if let Ok(mut v) = self.idle_readers.lock() {
+            if v.len() < self.config.slots.max(1) {
+                v.push(reader);
+            }
+        }
+    }
+
+    /// A parked reader inside `lease`'s snapshot, if there is one.
+    fn parked_reader(&self, lease: &pb::ChunkLease) -> Option<SnapshotReader> {
+        let mut v = self.idle_readers.lock().ok()?;
+        // Readers of snapshots no longer leased out are not kept.
+        let i = v
+            .iter()
+            .position(|r| r.job_id == lease.job_id && r.snapshot_id == lease.snapshot_id)?;
+        Some(v.swap_remove(i))
     }
 
     pub async fn hold_snapshot(&self, job_id: &str, holder: SnapshotHolder) {
@@ -234,7 +322,11 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
     loop {
         let agent_id = shared.agent_id.read().await.clone();
         let mut coordinator = shared.peers.coordinator();
-        let poll = coordinator.sender_poll(pb::SenderPollRequest { agent_id, worker });
+        let poll = coordinator.sender_poll(pb::SenderPollRequest {
+            agent_id,
+            worker,
+            sending: shared.crossing_now(),
+        });
         let task = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = poll => r,
@@ -286,91 +378,31 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
                 }
             }
             Some(pb::sender_task::Task::Chunk(lease)) => {
-                let limiter = shared.limiter_for(
-                    &lease.job_id,
-                    lease.options.as_ref().map_or(0, |o| o.bwlimit_bytes),
-                );
+                if reader.is_none() {
+                    reader = shared.parked_reader(&lease);
+                }
                 let key = (lease.job_id.clone(), lease.chunk_id);
-                let revoked = CancellationToken::new();
-                if let Ok(mut held) = shared.leases.lock() {
-                    held.insert(
-                        key.clone(),
-                        Held {
-                            epoch: lease.epoch,
-                            renew_ms: lease.renew_ms,
-                            revoked: revoked.clone(),
-                        },
-                    );
-                }
-                let moved = async {
-                    if lease.members.is_empty() {
-                        transfer::run(&shared, &mut reader, &lease, &limiter)
-                            .await
-                            .map(|out| report_of(&lease, out))
-                    } else {
-                        crate::group::run(&shared, &mut reader, &lease, &limiter).await
-                    }
-                };
-                let result = tokio::select! {
-                    r = moved => r,
-                    _ = revoked.cancelled() => Err(anyhow::anyhow!(
-                        "lease on chunk {} was revoked (it expired, went to another sender, or the job was paused); stopped sending it",
-                        lease.chunk_id
-                    )),
-                };
-                if let Ok(mut held) = shared.leases.lock() {
-                    held.remove(&key);
-                }
-                match result {
-                    Ok(report) => {
-                        if report.members.is_empty() {
-                            tracing::info!(
-                                job = %lease.job_id,
-                                chunk = lease.chunk_id,
-                                rows = report.rows,
-                                wire_bytes = report.wire_bytes,
-                                codec = %report.codec,
-                                "chunk applied"
-                            );
-                        } else {
-                            tracing::info!(
-                                job = %lease.job_id,
-                                chunk = lease.chunk_id,
-                                tables = report.members.len(),
-                                rows = report.rows,
-                                wire_bytes = report.wire_bytes,
-                                codec = %report.codec,
-                                "group of small tables applied"
-                            );
+                let (read_whole, crossing) = tokio::sync::oneshot::channel();
+                let mut carrying =
+                    tokio::spawn(carry(shared.clone(), reader.take(), lease, read_whole));
+                tokio::select! {
+                    done = &mut carrying => reader = done.ok().flatten(),
+                    alone = crossing => match alone {
+                        // Read whole, and the link is what it waits for: it crosses on its
+                        // own while this worker reads the next chunk, on another reader.
+                        Ok(()) => {
+                            shared.set_crossing(&key, true);
+                            let shared = shared.clone();
+                            tokio::spawn(async move {
+                                let done = carrying.await;
+                                shared.set_crossing(&key, false);
+                                if let Ok(Some(r)) = done {
+                                    shared.park_reader(r);
+                                }
+                            });
                         }
-                        // Test point: applied on the target, not yet reported.
-                        haul_core::failpoint::die("die-before-chunk-report");
-                        if !report.members.is_empty() {
-                            haul_core::failpoint::die("die-before-group-report");
-                        }
-                        deliver("report chunk", || {
-                            let mut c = shared.peers.coordinator();
-                            let report = report.clone();
-                            async move { c.report_chunk(report).await.map(|_| ()) }
-                        })
-                        .await;
-                    }
-                    Err(e) => {
-                        // The reader's transaction may be unusable now; open a fresh one next time.
-                        reader = None;
-                        let table = lease.table.as_ref().map_or_else(
-                            || format!("a group of {} small tables", lease.members.len()),
-                            |t| format!("{}.{}", t.schema, t.name),
-                        );
-                        report_failure(
-                            &shared,
-                            "copy chunk",
-                            &lease.job_id,
-                            (lease.chunk_id, lease.epoch, &table),
-                            e,
-                        )
-                        .await;
-                    }
+                        Err(_) => reader = carrying.await.ok().flatten(),
+                    },
                 }
             }
             Some(pb::sender_task::Task::Snapshot(t)) => {
@@ -400,6 +432,107 @@ async fn work(shared: Arc<Shared>, worker: u32, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// One chunk lease carried from the source to its receipt and report; gives its source reader
+/// back (none after a failure: its transaction may be unusable). `read_whole` is told when the
+/// chunk has been read whole and the rest may cross without the worker (`transfer::run`).
+async fn carry(
+    shared: Arc<Shared>,
+    mut reader: Option<SnapshotReader>,
+    lease: pb::ChunkLease,
+    read_whole: tokio::sync::oneshot::Sender<()>,
+) -> Option<SnapshotReader> {
+    let shared = &*shared;
+
+    let limiter = shared.limiter_for(
+        &lease.job_id,
+        lease.options.as_ref().map_or(0, |o| o.bwlimit_bytes),
+    );
+    let key = (lease.job_id.clone(), lease.chunk_id);
+    let revoked = CancellationToken::new();
+    if let Ok(mut held) = shared.leases.lock() {
+        held.insert(
+            key.clone(),
+            Held {
+                epoch: lease.epoch,
+                renew_ms: lease.renew_ms,
+                revoked: revoked.clone(),
+            },
+        );
+    }
+    let moved = async {
+        if lease.members.is_empty() {
+            transfer::run(shared, &mut reader, &lease, &limiter, Some(read_whole))
+                .await
+                .map(|out| report_of(&lease, out))
+        } else {
+            crate::group::run(shared, &mut reader, &lease, &limiter).await
+        }
+    };
+    let result = tokio::select! {
+        r = moved => r,
+        _ = revoked.cancelled() => Err(anyhow::anyhow!(
+            "lease on chunk {} was revoked (it expired, went to another sender, or the job was paused); stopped sending it",
+            lease.chunk_id
+        )),
+    };
+    if let Ok(mut held) = shared.leases.lock() {
+        held.remove(&key);
+    }
+    match result {
+        Ok(report) => {
+            if report.members.is_empty() {
+                tracing::info!(
+                    job = %lease.job_id,
+                    chunk = lease.chunk_id,
+                    rows = report.rows,
+                    wire_bytes = report.wire_bytes,
+                    codec = %report.codec,
+                    "chunk applied"
+                );
+            } else {
+                tracing::info!(
+                    job = %lease.job_id,
+                    chunk = lease.chunk_id,
+                    tables = report.members.len(),
+                    rows = report.rows,
+                    wire_bytes = report.wire_bytes,
+                    codec = %report.codec,
+                    "group of small tables applied"
+                );
+            }
+            // Test point: applied on the target, not yet reported.
+            haul_core::failpoint::die("die-before-chunk-report");
+            if !report.members.is_empty() {
+                haul_core::failpoint::die("die-before-group-report");
+            }
+            deliver("report chunk", || {
+                let mut c = shared.peers.coordinator();
+                let report = report.clone();
+                async move { c.report_chunk(report).await.map(|_| ()) }
+            })
+            .await;
+        }
+        Err(e) => {
+            // The reader's transaction may be unusable now; open a fresh one next time.
+            reader = None;
+            let table = lease.table.as_ref().map_or_else(
+                || format!("a group of {} small tables", lease.members.len()),
+                |t| format!("{}.{}", t.schema, t.name),
+            );
+            report_failure(
+                shared,
+                "copy chunk",
+                &lease.job_id,
+                (lease.chunk_id, lease.epoch, &table),
+                e,
+            )
+            .await;
+        }
+    }
+
+    reader
 }
 
 /// A lone chunk's report to the coordinator.

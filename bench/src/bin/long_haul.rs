@@ -11,7 +11,8 @@
 //!
 //! Defaults: 1000 MB of table data (time series, events with text and jsonb, notes) and 400 MB
 //! of incompressible bytea; scenarios `loopback 100M-60ms 100M-150ms lfn` (the last is 1 Gbit/s,
-//! 150 ms, at most 50 Mbit/s per TCP connection), then `cap`. Figures from one run on a shared
+//! 150 ms, at most 50 Mbit/s per TCP connection), `lfn-incompressible` (that path, moving only
+//! the bytea), then `cap`. Figures from one run on a shared
 //! machine: compare ratios. `HAUL_BENCH_CODEC=zstd:3` runs haul with that `--codec` and
 //! prints its choices; `HAUL_BENCH_ARGS="--no-verify"` adds flags to `haul start`.
 
@@ -34,32 +35,47 @@ struct Scenario {
     rtt_ms: u64,
     /// Cap per TCP connection, bytes a second (0: none).
     per_connection: u64,
+    /// Move only this table (haul's `--tables`, the pipe's one table); all when `None`.
+    only: Option<&'static str>,
 }
 
-const SCENARIOS: [Scenario; 4] = [
+const SCENARIOS: [Scenario; 5] = [
     Scenario {
         name: "loopback",
         rate: 0,
         rtt_ms: 0,
         per_connection: 0,
+        only: None,
     },
     Scenario {
         name: "100M-60ms",
         rate: 100 * MBIT,
         rtt_ms: 60,
         per_connection: 0,
+        only: None,
     },
     Scenario {
         name: "100M-150ms",
         rate: 100 * MBIT,
         rtt_ms: 150,
         per_connection: 0,
+        only: None,
     },
     Scenario {
         name: "lfn",
         rate: 1000 * MBIT,
         rtt_ms: 150,
         per_connection: 50 * MBIT,
+        only: None,
+    },
+    // The case for the long fat path: only the data that does not compress, so the
+    // link, not the CPU's compression, decides, and "busy" is the share of it haul fills.
+    Scenario {
+        name: "lfn-incompressible",
+        rate: 1000 * MBIT,
+        rtt_ms: 150,
+        per_connection: 50 * MBIT,
+        only: Some("blobs"),
     },
 ];
 
@@ -113,7 +129,14 @@ fn main() -> anyhow::Result<()> {
     for s in SCENARIOS.iter().filter(|s| run_it(s.name)) {
         let h = haul_move(&source, &target, dir.path(), &certs, s, 1, None)?;
         let p = pipe_move(&source, &target, s)?;
-        let gp = |secs: f64| table_bytes as f64 / secs / 1e6;
+        let bytes = match s.only {
+            Some(t) => source
+                .psql("src", &format!("SELECT pg_table_size('public.{t}')"))?
+                .trim()
+                .parse()?,
+            None => table_bytes,
+        };
+        let gp = |secs: f64| bytes as f64 / secs / 1e6;
         let busy = if s.rate > 0 {
             format!("{:.0}%", 100.0 * h.wire as f64 / (s.rate as f64 * h.secs))
         } else {
@@ -308,6 +331,10 @@ fn haul_move(
     // HAUL_BENCH_ARGS: more `haul start` flags, split on spaces (`--no-verify`, say), to see
     // what a part of haul costs; its `--jobs` or `--chunk-size` replace the bench's.
     start.extend(extra.split_whitespace());
+    let only = s.only.map(|t| format!("public.{t}"));
+    if let (Some(t), None) = (&only, cap) {
+        start.extend(["--tables", t.as_str()]);
+    }
     match cap {
         // The data that does not compress, in small chunks: both senders busy throughout.
         Some((first, _, _)) => start.extend([
@@ -395,6 +422,20 @@ fn haul_move(
             }
         }
     }
+    // HAUL_BENCH_GREP: print the agents' log lines that contain any of its `|`-separated
+    // parts (set RUST_LOG to match).
+    if let Ok(needles) = std::env::var("HAUL_BENCH_GREP") {
+        let needles: Vec<&str> = needles.split('|').collect();
+        for a in sender_agents.iter().chain([&receiver, &coordinator]) {
+            let text = a.log_text();
+            for l in text
+                .lines()
+                .filter(|l| needles.iter().any(|n| l.contains(n)))
+            {
+                println!("    {l}");
+            }
+        }
+    }
     let raw = status["raw_bytes_done"].as_u64().unwrap_or(0);
     let wire = link
         .as_ref()
@@ -459,13 +500,18 @@ fn pipe_move(source: &Cluster, target: &Cluster, s: &Scenario) -> anyhow::Result
     let addr = listener.local_addr()?.to_string();
     let link = link_for(s, &addr)?;
     let dial = link.as_ref().map_or(addr.clone(), |l| l.addr.clone());
-    let tables: Vec<String> = TABLES.iter().map(|t| t.to_string()).collect();
+    let tables: Vec<String> = TABLES
+        .iter()
+        .filter(|t| s.only.is_none_or(|o| o == **t))
+        .map(|t| t.to_string())
+        .collect();
     let queue = std::sync::Mutex::new(tables.clone());
+    let n_tables = tables.len();
     std::thread::scope(|scope| -> anyhow::Result<()> {
         let dst = &dst;
         let receiving = scope.spawn(move || -> anyhow::Result<()> {
             let mut handlers = Vec::new();
-            for _ in 0..TABLES.len() {
+            for _ in 0..n_tables {
                 let (conn, _) = listener.accept()?;
                 handlers.push(std::thread::spawn({
                     let dst = dst.clone();

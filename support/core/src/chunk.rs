@@ -204,6 +204,39 @@ pub fn plan(tables: &[TableMeasure], chunk_bytes: u64) -> Vec<ChunkPlan> {
     out
 }
 
+/// Chunks in flight from one sender with `--connections` left to haul: enough streams, each on
+/// its own TCP connection, to fill a long fat path whose every flow is held to a fraction of it
+/// (16 flows of 50 Mbit/s fill 800 Mbit/s). Only chunks read whole from the source and still
+/// crossing take the places beyond `--jobs`, so a link that keeps up never sees more.
+pub const AUTO_IN_FLIGHT: usize = 16;
+
+/// How many chunks a sender may have in flight for a job: `--jobs` of them reading the source,
+/// the rest read whole and still crossing the link. As many as `--connections` when it is
+/// given, else [`AUTO_IN_FLIGHT`]; never fewer than `--jobs`.
+pub fn in_flight_limit(jobs: u32, connections: u32) -> usize {
+    let jobs = jobs.max(1) as usize;
+    match connections {
+        0 => AUTO_IN_FLIGHT.max(jobs),
+        n => (n as usize).max(jobs),
+    }
+}
+
+/// The smallest chunk [`job_chunk_bytes`] cuts a small job into.
+pub const MIN_JOB_CHUNK_BYTES: u64 = 16 << 20;
+
+/// The chunk size a job's tables are cut at: `--chunk-size`, or less for a job of fewer than
+/// two chunks for every place in flight, so that every stream has work until near the end and
+/// the last chunks, each on one flow of a slow path, are short (down to
+/// [`MIN_JOB_CHUNK_BYTES`], never below, and never above `--chunk-size`). `total`: the bytes of
+/// the job's tables.
+pub fn job_chunk_bytes(total: u64, chunk_bytes: u64, in_flight: usize) -> u64 {
+    if chunk_bytes == 0 {
+        return 0;
+    }
+    let fair = total / (2 * in_flight.max(1) as u64);
+    chunk_bytes.min(fair.max(MIN_JOB_CHUNK_BYTES))
+}
+
 /// Tables at most this big (planned bytes) are grouped with others into one lease.
 pub const SMALL_TABLE_BYTES: u64 = 1 << 20;
 /// A group holds at most this many tables (each one lock in the reader's snapshot transaction,
@@ -285,6 +318,30 @@ pub fn table_from_wire(t: Option<&pb::TableRef>) -> anyhow::Result<TableName> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_job_is_cut_finer_but_never_below_the_floor_or_above_the_flag() {
+        const MB: u64 = 1 << 20;
+        // 400 MiB, 16 in flight: 12.5 MiB would be fair, the floor is 16 MiB.
+        assert_eq!(job_chunk_bytes(400 * MB, 64 * MB, 16), MIN_JOB_CHUNK_BYTES);
+        // 1200 MiB: 37.5 MiB each.
+        assert_eq!(job_chunk_bytes(1200 * MB, 64 * MB, 16), 1200 * MB / 32);
+        // A big job keeps --chunk-size.
+        assert_eq!(job_chunk_bytes(1 << 40, 256 * MB, 16), 256 * MB);
+        // A flag below the floor stands.
+        assert_eq!(job_chunk_bytes(400 * MB, 4 * MB, 16), 4 * MB);
+        // No splitting asked for: none.
+        assert_eq!(job_chunk_bytes(400 * MB, 0, 16), 0);
+    }
+
+    #[test]
+    fn chunks_in_flight_are_at_least_the_readers() {
+        assert_eq!(in_flight_limit(4, 0), AUTO_IN_FLIGHT);
+        assert_eq!(in_flight_limit(32, 0), 32);
+        assert_eq!(in_flight_limit(4, 8), 8);
+        assert_eq!(in_flight_limit(4, 2), 4);
+        assert_eq!(in_flight_limit(0, 0), AUTO_IN_FLIGHT);
+    }
 
     fn t(name: &str, bytes: u64, key: bool, cuts: Vec<i64>, pages: i64) -> TableMeasure {
         TableMeasure {

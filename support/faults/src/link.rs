@@ -179,27 +179,31 @@ async fn forward(client: TcpStream, upstream: String, f: Arc<Faults>) {
 struct Piece {
     due: tokio::time::Instant,
     bytes: Vec<u8>,
+    /// Its room in the direction's buffer, given back once it is forwarded.
+    _room: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// The most pieces between reading and forwarding in one direction: with 16 KiB pieces, 4096
-/// of them hold 64 MiB, more than a gigabit path of 200 ms keeps in flight.
-const QUEUE_PIECES: usize = 4096;
+/// The most bytes between reading and forwarding in one direction: more than a gigabit path
+/// of 200 ms keeps in flight.
+const QUEUE_BYTES: u64 = 64 << 20;
 
-/// Pieces a direction holds: what the path keeps in flight (its rate times the delay) twice
-/// over, as a bottleneck's buffer would, so a sender that outruns the path is held back by
-/// TCP instead of filling a buffer no real path has. Set when the connection opens.
-fn queue_pieces(f: &Faults) -> usize {
+/// The buffer of a direction, in KiB: what the path keeps in flight (its rate times the delay)
+/// twice over, as a bottleneck's buffer would, so a sender that outruns the path is held back
+/// by TCP instead of filling a buffer no real path has. Counted in bytes, not reads: a TLS
+/// peer's small writes would otherwise shrink it, and with it what one flow can carry (a
+/// buffer of 64 reads of 4 KiB over 75 ms passes 3.4 MB/s). Set when the connection opens.
+fn queue_kib(f: &Faults) -> usize {
     let rate = match (
         f.rate.load(Ordering::SeqCst),
         f.connection_rate.load(Ordering::SeqCst),
     ) {
-        (0, 0) => return QUEUE_PIECES,
+        (0, 0) => return (QUEUE_BYTES / 1024) as usize,
         (0, c) | (c, 0) => c,
         (r, c) => r.min(c),
     };
     let delay_ms = f.delay_ms.load(Ordering::SeqCst).max(1);
-    let bytes = rate as u128 * delay_ms as u128 * 2 / 1000;
-    ((bytes / (16 * 1024)) as usize).clamp(64, QUEUE_PIECES)
+    let bytes = (rate as u128 * delay_ms as u128 * 2 / 1000) as u64;
+    (bytes.clamp(1 << 20, QUEUE_BYTES) / 1024) as usize
 }
 
 async fn pump(
@@ -210,7 +214,8 @@ async fn pump(
     up: bool,
 ) {
     let reset = |f: &Faults| f.generation.load(Ordering::SeqCst) != generation;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(queue_pieces(&f));
+    let room = Arc::new(tokio::sync::Semaphore::new(queue_kib(&f)));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Piece>();
     // The reading side: stamp each piece with when the delay line lets it out.
     let reader = {
         let f = f.clone();
@@ -222,12 +227,21 @@ async fn pump(
                     _ = wait_for_reset(&f, generation) => break,
                 };
                 buf.truncate(n);
+                // Room in the buffer first: a full one holds the sender back (by TCP).
+                let Ok(room) = room
+                    .clone()
+                    .acquire_many_owned(n.div_ceil(1024) as u32)
+                    .await
+                else {
+                    break;
+                };
                 let delay = Duration::from_millis(f.delay_ms.load(Ordering::SeqCst));
                 let piece = Piece {
                     due: tokio::time::Instant::now() + delay,
                     bytes: buf,
+                    _room: room,
                 };
-                if tx.send(piece).await.is_err() {
+                if tx.send(piece).is_err() {
                     break;
                 }
             }
@@ -243,12 +257,16 @@ async fn pump(
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let n = p.bytes.len();
-            let mut leave = tokio::time::Instant::now();
+            // Paced from when the piece was due, not from when the timer woke: a timer wakes
+            // up to a millisecond late, and counting from then would cost every piece that
+            // much (a 16 KiB piece at 50 Mbit/s is 2.6 ms: one flow would get 40 Mbit/s).
+            // Late pieces go at once, so the pace catches up.
+            let mut leave = p.due;
             let per_conn = f.connection_rate.load(Ordering::SeqCst);
             if per_conn > 0 {
                 conn_free =
-                    conn_free.max(leave) + Duration::from_secs_f64(n as f64 / per_conn as f64);
-                leave = leave.max(conn_free);
+                    conn_free.max(p.due) + Duration::from_secs_f64(n as f64 / per_conn as f64);
+                leave = conn_free;
             }
             let rate = f.rate.load(Ordering::SeqCst);
             if rate > 0 {
