@@ -50,6 +50,39 @@ fn several_connections_fill_a_path_one_flow_cannot() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Chunks read whole keep crossing while their worker reads the next: with one source reader
+/// (`--jobs 1`) on a path that holds each TCP connection to 2 MB/s, several chunks cross at
+/// once, each on a connection of its own (haul's choice of connections), once the first
+/// receipts show that the flows, not the receiver or a cap, hold the streams back.
+#[test]
+fn chunks_read_whole_cross_while_the_next_chunk_is_read() -> anyhow::Result<()> {
+    let m = Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        link_to_receiver: true,
+        link_connection_rate: 2_000_000,
+        bulk_mb: 40,
+        // Chunks big enough to be staged (4 MB and more), five or six of them.
+        chunk_size: Some("8MB"),
+        jobs: Some("1"),
+        bwlimit: Some("0"),
+        codec: Some("none"),
+        ..Default::default()
+    })?;
+    m.finish()?;
+    let sender_log = m.sender.log_text();
+    let link = m.to_receiver.as_ref().expect("a link to the receiver");
+    assert!(
+        link.connections() >= 3,
+        "one source reader, yet chunks should cross side by side on their own connections; the link saw {} connections",
+        link.connections()
+    );
+    assert!(
+        sender_log.contains("crosses on its own"),
+        "the sender never let a chunk cross on its own"
+    );
+    Ok(())
+}
+
 /// `--codec auto` (the default) on a slow link: the streams wait on the wire far longer than
 /// they compress, so the sender climbs to a better ratio, and status says which codecs the
 /// chunks took.

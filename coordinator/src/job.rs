@@ -648,6 +648,17 @@ impl Job {
             .count()
     }
 
+    /// Whether `agent` may take one more lease of this job, `crossing` being the ids of its
+    /// chunks read whole and still crossing: fewer than `--jobs` of its leases read the source,
+    /// and it has fewer than the job's chunks in flight (`core::chunk::in_flight_limit`).
+    pub fn may_lease_to(&self, agent: &str, crossing: &[u64]) -> bool {
+        let held = self.leases_held_by(agent);
+        let reading = held.saturating_sub(self.leases_held_among(agent, crossing));
+        let o = &self.record.options;
+        reading < o.jobs.max(1) as usize
+            && held < haul_core::chunk::in_flight_limit(o.jobs, o.connections)
+    }
+
     /// How many of `agent`'s leases head one of `chunk_ids`.
     pub fn leases_held_among(&self, agent: &str, chunk_ids: &[u64]) -> usize {
         self.chunks
@@ -980,6 +991,40 @@ mod tests {
         assert_eq!(j.expire_leases(Duration::from_secs(60)), 1);
         assert_eq!(j.chunks[0].state, ChunkState::Pending);
         assert_eq!(j.leases_held_by("sender/a"), 1);
+    }
+
+    #[test]
+    fn chunks_crossing_free_their_reader_up_to_the_limit_in_flight() {
+        let mut j = job_with(40);
+        j.record.options.jobs = 2;
+        j.record.options.connections = 0;
+        let lease = |j: &mut Job, i: usize| {
+            j.chunks[i].state = ChunkState::Leased {
+                agent: "sender/a".into(),
+                since_unix_ms: now_ms(),
+            };
+        };
+        lease(&mut j, 0);
+        assert!(j.may_lease_to("sender/a", &[]));
+        lease(&mut j, 1);
+        // Two readers busy: no more, unless one has read its chunk whole.
+        assert!(!j.may_lease_to("sender/a", &[]));
+        let first = j.chunks[0].id;
+        assert!(j.may_lease_to("sender/a", &[first]));
+        // Another sender is not held back by this one's leases.
+        assert!(j.may_lease_to("sender/b", &[]));
+        // A crossing chunk no longer leased (reported done since) frees nothing.
+        assert!(!j.may_lease_to("sender/a", &[j.chunks[30].id]));
+        // However many have been read whole, no more than the limit in flight.
+        let n = haul_core::chunk::AUTO_IN_FLIGHT;
+        for i in 2..n {
+            lease(&mut j, i);
+        }
+        let crossing: Vec<u64> = j.chunks[..n].iter().map(|c| c.id).collect();
+        assert!(!j.may_lease_to("sender/a", &crossing));
+        // --connections 24 lets 24 be in flight.
+        j.record.options.connections = 24;
+        assert!(j.may_lease_to("sender/a", &crossing));
     }
 
     #[test]

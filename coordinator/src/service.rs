@@ -303,17 +303,12 @@ impl State {
                         // At most `jobs` of this sender's leases read the source at once; chunks
                         // read whole and still crossing a slow link count only against the
                         // chunks it may have in flight (`core::chunk::in_flight_limit`).
-                        let held = j.leases_held_by(agent);
                         let crossing: Vec<u64> = sending
                             .iter()
                             .filter(|c| c.job_id == j.record.id)
                             .map(|c| c.chunk_id)
                             .collect();
-                        let reading = held.saturating_sub(j.leases_held_among(agent, &crossing));
-                        let o = &j.record.options;
-                        if reading >= o.jobs.max(1) as usize
-                            || held >= haul_core::chunk::in_flight_limit(o.jobs, o.connections)
-                        {
+                        if !j.may_lease_to(agent, &crossing) {
                             continue;
                         }
                         let receiver = receiver

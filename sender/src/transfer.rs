@@ -262,7 +262,7 @@ pub async fn run(
                     .await;
                 if staged.is_ok() && read.sent.not_capped() && shared.flows_are_slow(job_id) {
                     if let Some(tx) = read_whole.take() {
-                        tracing::debug!(
+                        tracing::info!(
                             chunk = chunk_id, %table,
                             "read whole; it crosses on its own while the next chunk is read"
                         );
