@@ -196,7 +196,8 @@ pub struct SenderArgs {
     /// Agent name; its certificate is CERTS/NAME.pem if that exists, else CERTS/sender.pem.
     #[arg(long)]
     pub name: Option<String>,
-    /// Chunks read at once (source connections).
+    /// Chunks read at once (source connections; a chunk still crossing a slow link on its own
+    /// keeps its connection, idle, until it ends).
     #[arg(long)]
     pub slots: Option<usize>,
     /// Local disk for staging chunks ahead of the link, so a restarted sender continues them
@@ -212,15 +213,18 @@ pub struct SenderArgs {
 /// What to move and how: shared by `start` and `copy`.
 #[derive(Args, Debug, Default, Clone)]
 pub struct JobArgs {
-    /// Chunks in flight per sender.
+    /// Chunks each sender reads from the source at once. On a path where each TCP flow is
+    /// slow, a chunk read whole goes on crossing while its reader takes the next, up to
+    /// --connections chunks in flight.
     #[arg(long)]
     pub jobs: Option<u32>,
     /// auto (each sender picks per block and per table, from the wire and its CPU), zstd,
     /// zstd:LEVEL, lz4 or none. `adaptive` is an old name for auto.
     #[arg(long)]
     pub codec: Option<String>,
-    /// TCP connections from each sender to each receiver, chunk streams spread over them
-    /// (1 to 64); default: the chunks in flight, at most 4.
+    /// TCP connections from each sender to each receiver (1 to 64), and the chunks it may
+    /// have in flight (at least --jobs); each stream goes on the least busy connection.
+    /// Default: up to 16, one per stream in flight.
     #[arg(long, value_name = "N")]
     pub connections: Option<u32>,
     /// One cap on wire bytes per second for the whole job, divided among its senders: a rate
@@ -243,7 +247,8 @@ pub struct JobArgs {
     /// pg_dump --exclude-schema.
     #[arg(long, value_name = "PATTERN")]
     pub exclude_schemas: Option<String>,
-    /// Split tables larger than this into chunks, e.g. 256MB.
+    /// Split tables larger than this into chunks, e.g. 256MB (a job smaller than 32 chunks of
+    /// it is cut finer, down to 16MiB, so the last chunks do not trail on single flows).
     #[arg(long, value_name = "SIZE")]
     pub chunk_size: Option<String>,
     /// The target already has the schema: load rows only (tables must exist and be empty).

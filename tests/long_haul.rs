@@ -50,24 +50,29 @@ fn several_connections_fill_a_path_one_flow_cannot() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One source reader (`--jobs 1`), 40 MB uncompressed in chunks big enough to be staged (4 MB
+/// and more, five or six of them), through a link that holds each TCP connection to 2 MB/s.
+fn one_reader_slow_flows() -> anyhow::Result<Move> {
+    Move::new(Setup {
+        bin: common::procs::HAUL.into(),
+        link_to_receiver: true,
+        link_connection_rate: 2_000_000,
+        bulk_mb: 40,
+        chunk_size: Some("8MB"),
+        jobs: Some("1"),
+        bwlimit: Some("0"),
+        codec: Some("none"),
+        ..Default::default()
+    })
+}
+
 /// Chunks read whole keep crossing while their worker reads the next: with one source reader
 /// (`--jobs 1`) on a path that holds each TCP connection to 2 MB/s, several chunks cross at
 /// once, each on a connection of its own (haul's choice of connections), once the first
 /// receipts show that the flows, not the receiver or a cap, hold the streams back.
 #[test]
 fn chunks_read_whole_cross_while_the_next_chunk_is_read() -> anyhow::Result<()> {
-    let m = Move::new(Setup {
-        bin: common::procs::HAUL.into(),
-        link_to_receiver: true,
-        link_connection_rate: 2_000_000,
-        bulk_mb: 40,
-        // Chunks big enough to be staged (4 MB and more), five or six of them.
-        chunk_size: Some("8MB"),
-        jobs: Some("1"),
-        bwlimit: Some("0"),
-        codec: Some("none"),
-        ..Default::default()
-    })?;
+    let m = one_reader_slow_flows()?;
     m.finish()?;
     let sender_log = m.sender.log_text();
     let link = m.to_receiver.as_ref().expect("a link to the receiver");
@@ -80,6 +85,27 @@ fn chunks_read_whole_cross_while_the_next_chunk_is_read() -> anyhow::Result<()> 
         sender_log.contains("crosses on its own"),
         "the sender never let a chunk cross on its own"
     );
+    Ok(())
+}
+
+/// A sender killed while chunks cross on their own (their reader already on the next chunk)
+/// loses none of them: after its restart the job ends equal, each chunk once in the ledger
+/// (`Move::finish` compares source and target outside haul and reads the ledger).
+#[test]
+fn a_sender_killed_while_chunks_cross_on_their_own_loses_none() -> anyhow::Result<()> {
+    let mut m = one_reader_slow_flows()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while !m.sender.log_text().contains("crosses on its own") {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no chunk crossed on its own within 60 s:\n{}",
+            m.sender.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    m.sender.restart()?;
+    let end = m.finish()?;
+    assert_eq!(end["phase"], "done", "{end}");
     Ok(())
 }
 

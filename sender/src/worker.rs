@@ -62,12 +62,16 @@ pub struct Shared {
     /// worker went on to the next lease (`work`), and the coordinator hears of them at every
     /// poll, so their leases do not count against the job's source readers.
     crossing: std::sync::Mutex<std::collections::HashSet<(String, u64)>>,
-    /// Source readers whose chunk went on crossing alone, for the next chunk of their job.
-    idle_readers: std::sync::Mutex<Vec<SnapshotReader>>,
+    /// Source readers whose chunk went on crossing alone, for the next chunk of their job,
+    /// with when they were parked.
+    idle_readers: std::sync::Mutex<Vec<(SnapshotReader, std::time::Instant)>>,
     /// Per job, what its streams waited for and how much of it the receiver held them back,
     /// from each receipt: decayed sums of (raw bytes, wait, held), see `note_stream`.
     holds: std::sync::Mutex<HashMap<String, (f64, f64, f64)>>,
 }
+
+/// How long a parked source reader waits for another chunk of its job before it closes.
+const PARKED_READER_IDLE: Duration = Duration::from_secs(30);
 
 /// A stream slower than this per raw byte (50 MB/s) because of the link, not the receiver,
 /// is held back by its flow: more streams at once fill more of the path.
@@ -160,7 +164,7 @@ impl Shared {
     fn park_reader(&self, reader: SnapshotReader) {
         if let Ok(mut v) = self.idle_readers.lock() {
             if v.len() < self.config.slots.max(1) {
-                v.push(reader);
+                v.push((reader, std::time::Instant::now()));
             }
         }
     }
@@ -168,11 +172,21 @@ impl Shared {
     /// A parked reader inside `lease`'s snapshot, if there is one.
     fn parked_reader(&self, lease: &pb::ChunkLease) -> Option<SnapshotReader> {
         let mut v = self.idle_readers.lock().ok()?;
-        // Readers of snapshots no longer leased out are not kept.
+        // Readers of the job's earlier snapshots (it was exported again) are of no more use.
+        v.retain(|(r, _)| r.job_id != lease.job_id || r.snapshot_id == lease.snapshot_id);
         let i = v
             .iter()
-            .position(|r| r.job_id == lease.job_id && r.snapshot_id == lease.snapshot_id)?;
-        Some(v.swap_remove(i))
+            .position(|(r, _)| r.job_id == lease.job_id && r.snapshot_id == lease.snapshot_id)?;
+        Some(v.swap_remove(i).0)
+    }
+
+    /// Close readers parked longer than [`PARKED_READER_IDLE`]: each holds a transaction open
+    /// on the source, which holds back its vacuum, and a sender that is not the job's planner
+    /// never hears that the job's reading is over.
+    fn close_idle_readers(&self) {
+        if let Ok(mut v) = self.idle_readers.lock() {
+            v.retain(|(_, parked)| parked.elapsed() < PARKED_READER_IDLE);
+        }
     }
 
     pub async fn hold_snapshot(&self, job_id: &str, holder: SnapshotHolder) {
@@ -192,6 +206,14 @@ impl Shared {
         self.snapshots.lock().await.remove(job_id);
         if let Ok(mut t) = self.tuners.lock() {
             t.remove(job_id);
+        }
+        if let Ok(mut h) = self.holds.lock() {
+            h.remove(job_id);
+        }
+        // Parked readers hold a transaction open on the source (which holds back its vacuum):
+        // they close with the job's reading.
+        if let Ok(mut v) = self.idle_readers.lock() {
+            v.retain(|(r, _)| r.job_id != job_id);
         }
     }
 
@@ -600,6 +622,7 @@ async fn report_failure(
 /// of leases the coordinator says are no longer ours.
 async fn heartbeat(shared: Arc<Shared>, shutdown: CancellationToken) {
     loop {
+        shared.close_idle_readers();
         let (leases, every) = match shared.leases.lock() {
             Ok(held) => (
                 held.iter()
