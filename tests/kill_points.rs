@@ -277,3 +277,39 @@ fn each_role_killed_during_a_split_table_read_back() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The receiver killed just after it built a loaded table's indexes and keys while the copy
+/// went on (post-data during the copy, before finalize), and restarted: the job ends done and
+/// equal by the independent comparison (which covers indexes and keys as pg_dump prints them),
+/// and no index or key is made twice, by the restarted receiver's own early sessions or by
+/// finalize.
+#[test]
+fn receiver_killed_after_post_data_built_during_the_copy() -> anyhow::Result<()> {
+    let mut m = moves::start(Setup {
+        failpoints: Some("die-in-early-post-data"),
+        drop_ledger: true,
+        bwlimit: Some("0"),
+        ..Default::default()
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !m.receiver.exited() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the receiver never built a table's post-data during the copy:\n{}",
+            m.receiver.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = m.receiver.log_text();
+    anyhow::ensure!(
+        log.contains("failpoint die-in-early-post-data fired"),
+        "the receiver died elsewhere:\n{log}"
+    );
+    m.receiver.restart()?;
+    let s = m.finish()?;
+    assert_eq!(s["phase"], "done", "{s}");
+    let log = m.receiver.log_text();
+    assert!(!log.contains("already exists"), "{log}");
+    assert!(!log.contains("failed during the copy"), "{log}");
+    Ok(())
+}

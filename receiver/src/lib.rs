@@ -5,6 +5,7 @@
 //!
 //! Invariant: nothing reaches the target before its digest matched the sender's.
 
+mod early_post;
 pub mod follow;
 mod group;
 pub mod ledger;
@@ -87,6 +88,7 @@ pub async fn run(
         finalizing: Default::default(),
         cancelled: Default::default(),
         whole_reads: Default::default(),
+        early_post: Default::default(),
         shapes: Default::default(),
     });
     let svc = pb::receiver_server::ReceiverServer::new(service::ReceiverService { inner })

@@ -330,6 +330,13 @@ fn entry_error(verb: &str, e: &Entry, err: &tokio_postgres::Error) -> anyhow::Er
     ))
 }
 
+/// A job's post-data script as stored in the spool, as finalize applies it: numbered the
+/// same wherever it is read (entries are recorded by number).
+pub fn post_script(text: &str, job_id: &str) -> Script {
+    // A --follow job's own publication is the source's, not the target's.
+    Script::parse(text).without_publication(&haul_core::ident::follow_names(job_id).1)
+}
+
 /// Apply post-data with up to `parallel` connections; returns the number of entries.
 ///
 /// Every entry commits together with its row in `haul.finalize_applied` (one implicit
@@ -401,42 +408,89 @@ pub async fn apply_post(
 
 /// Post-data entries committed together (with their records): one commit, and one wait for
 /// the target's WAL flush, per batch rather than per index.
-const POST_BATCH: usize = 32;
+pub(crate) const POST_BATCH: usize = 32;
 
-/// Post-data entries and their records, in one implicit transaction (a multi-statement simple
-/// query): all are in, or none. A batch that fails is replayed entry by entry, which names the
-/// entry that fails (the others of the batch are in by then, recorded).
-async fn apply_recorded(
+/// Post-data entries and their records, in one transaction: all are in, or none. Each entry
+/// is first locked (an advisory lock on the job and the entry's number) and looked up in
+/// `haul.finalize_applied`: an entry another session applied, or is applying (an early run
+/// while the copy goes on, another receiver, a finalize run again), is waited for and skipped,
+/// never made twice. A batch that fails is replayed entry by entry, which names the entry
+/// that fails (the others of the batch are in by then, recorded).
+pub(crate) async fn apply_recorded(
     client: &Client,
     job_id: &str,
     entries: &[(usize, &Entry)],
 ) -> anyhow::Result<()> {
-    // The newline ends a trailing `--` comment of an entry before what follows it.
-    let one = |i: usize, e: &Entry| {
-        format!(
-            "{}\n;\n{};",
-            e.sql,
-            crate::ledger::mark_step(job_id, &format!("post:{i}"))
-        )
-    };
-    let sql: String = entries
-        .iter()
-        .map(|(i, e)| one(*i, e))
-        .collect::<Vec<_>>()
-        .join("\n");
-    match client.batch_execute(&sql).await {
+    match apply_locked(client, job_id, entries).await {
         Ok(()) => Ok(()),
         Err(err) if entries.len() == 1 => Err(entry_error("create", entries[0].1, &err)),
         Err(_) => {
             for (i, e) in entries {
-                client
-                    .batch_execute(&one(*i, e))
+                apply_locked(client, job_id, &[(*i, *e)])
                     .await
                     .map_err(|err| entry_error("create", e, &err))?;
             }
             Ok(())
         }
     }
+}
+
+/// [`apply_recorded`]'s transaction; rolled back on any error.
+async fn apply_locked(
+    client: &Client,
+    job_id: &str,
+    entries: &[(usize, &Entry)],
+) -> Result<(), tokio_postgres::Error> {
+    let mut entries = entries.to_vec();
+    // Always in the same order: two sessions locking overlapping batches cannot deadlock.
+    entries.sort_by_key(|(i, _)| *i);
+    let key = post_lock_key(job_id);
+    let mut sql = String::from("BEGIN;");
+    for (i, _) in &entries {
+        sql.push_str(&format!("SELECT pg_advisory_xact_lock({key}, {i});"));
+    }
+    let r = async {
+        client.batch_execute(&sql).await?;
+        let steps: Vec<String> = entries.iter().map(|(i, _)| format!("post:{i}")).collect();
+        let done: std::collections::HashSet<String> = client
+            .query(
+                "SELECT step FROM haul.finalize_applied WHERE job_id = $1 AND step = ANY($2)",
+                &[&job_id, &steps],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // The newline ends a trailing `--` comment of an entry before what follows it.
+        let mut sql = String::new();
+        for (i, e) in &entries {
+            let step = format!("post:{i}");
+            if !done.contains(&step) {
+                sql.push_str(&format!(
+                    "{}\n;\n{};\n",
+                    e.sql,
+                    crate::ledger::mark_step(job_id, &step)
+                ));
+            }
+        }
+        sql.push_str("COMMIT");
+        client.batch_execute(&sql).await
+    }
+    .await;
+    if r.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    r
+}
+
+/// The first key of the advisory locks on a job's post-data entries (the second is the
+/// entry's number): a hash of the job id. Two jobs that hash alike only wait for each other.
+fn post_lock_key(job_id: &str) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in job_id.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h as i32
 }
 
 /// The application name of a job's post-data sessions, so a later run can find them.
@@ -478,7 +532,11 @@ pub async fn wait_for_earlier_post_data(client: &Client, job_id: &str) -> anyhow
     }
 }
 
-async fn post_session(target: &DbUrl, preamble: &str, job_id: &str) -> anyhow::Result<Client> {
+pub(crate) async fn post_session(
+    target: &DbUrl,
+    preamble: &str,
+    job_id: &str,
+) -> anyhow::Result<Client> {
     let client = target.connect(&post_application(job_id)).await?;
     client.batch_execute(preamble).await.map_err(|e| {
         anyhow::anyhow!(

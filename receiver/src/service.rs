@@ -62,6 +62,8 @@ pub struct Inner {
     /// here (waiting for a read still running) instead of reading the table again, so it need
     /// not wait for the last read-backs before post-data. Dropped at cleanup.
     pub whole_reads: std::sync::Mutex<std::collections::HashMap<(String, String), WholeRead>>,
+    /// Each job's post-data for tables already loaded, applied while the copy goes on.
+    pub early_post: crate::early_post::EarlyPost,
 }
 
 /// The target's digest of a table read back whole: `None` while the read runs, then its result
@@ -89,6 +91,21 @@ impl Inner {
         let mut read = self.whole_reads.lock().ok()?.get(&key)?.clone();
         let got = read.wait_for(|v| v.is_some()).await.ok()?.clone();
         got?.ok()
+    }
+
+    /// Every chunk of `table` is in: its indexes and keys can be built now.
+    pub(crate) fn table_loaded(&self, job_id: &str, table: &TableName) {
+        if haul_core::large_object::is_large_objects(table)
+            || self.refuse_cancelled(job_id).is_err()
+        {
+            return;
+        }
+        self.early_post.table_loaded(
+            job_id,
+            table,
+            &self.config.target,
+            self.spool.schema_path(job_id, "post"),
+        );
     }
 
     fn forget_whole_reads(&self, job_id: &str) {
@@ -756,8 +773,8 @@ impl ReceiverService {
         // the target has no index yet (post-data comes last), so each would scan the whole
         // table; such tables are digested whole once, at the end, against the sum of their
         // chunks, and only a table that differs is read chunk by chunk to name the chunks.
-        let along = matches!(range, haul_core::chunk::Range::Whole)
-            || haul_core::large_object::is_large_objects(&table);
+        let whole = matches!(range, haul_core::chunk::Range::Whole);
+        let along = whole || haul_core::large_object::is_large_objects(&table);
         if let (true, Some(source)) = (
             header.verify && along && readback::can_read_back(&range),
             source_rows,
@@ -784,14 +801,32 @@ impl ReceiverService {
                     .await
             });
         }
+        // A table in one chunk: only one big enough for its index builds to weigh. Small
+        // tables' entries go at finalize, many to a commit, on parallel sessions.
+        if whole && raw_bytes >= crate::early_post::MIN_TABLE_BYTES {
+            self.inner.table_loaded(job_id, &table);
+        }
         // A chunk of a split table: once the ledger holds all of the table's chunks, the table
         // is read back whole now, while the rest of the job copies, instead of at finalize.
+        if !header.verify && header.table_chunks > 1 {
+            match self
+                .table_chunks_in(job_id, &table, header.table_chunks)
+                .await
+            {
+                Ok(true) => self.inner.table_loaded(job_id, &table),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(job = %job_id, %table, "cannot tell whether the table is loaded: {e:#}")
+                }
+            }
+        }
         if header.verify && !along && header.table_chunks > 1 {
             match self
                 .split_table_complete(job_id, &table, header.table_chunks)
                 .await
             {
                 Ok(Some((ids, source))) => {
+                    self.inner.table_loaded(job_id, &table);
                     if let Some(done) = self.inner.claim_whole_read(job_id, &table) {
                         receipt.check_pending = true;
                         let (svc, job_id) = (self.clone(), job_id.to_string());
@@ -825,19 +860,11 @@ impl ReceiverService {
         table: &TableName,
         count: u64,
     ) -> anyhow::Result<Option<(Vec<u64>, RowDigest)>> {
-        let name = table.to_string();
-        let client = self.inner.pool.get().await?;
-        let have: i64 = client
-            .query_one(
-                "SELECT count(*) FROM haul.ledger WHERE job_id = $1 AND table_name = $2",
-                &[&job_id, &name],
-            )
-            .await
-            .context("count the table's chunks in the ledger")?
-            .get(0);
-        if (have.max(0) as u64) < count {
+        if !self.table_chunks_in(job_id, table, count).await? {
             return Ok(None);
         }
+        let name = table.to_string();
+        let client = self.inner.pool.get().await?;
         let rows = client
             .query(
                 "SELECT chunk_id, rows, row_digest FROM haul.ledger \
@@ -856,6 +883,27 @@ impl ReceiverService {
             ids.push(id as u64);
         }
         Ok(Some((ids, sum)))
+    }
+
+    /// Whether the target's ledger holds all `count` chunks of `table` (an index on job and
+    /// table makes this cheap).
+    async fn table_chunks_in(
+        &self,
+        job_id: &str,
+        table: &TableName,
+        count: u64,
+    ) -> anyhow::Result<bool> {
+        let name = table.to_string();
+        let client = self.inner.pool.get().await?;
+        let have: i64 = client
+            .query_one(
+                "SELECT count(*) FROM haul.ledger WHERE job_id = $1 AND table_name = $2",
+                &[&job_id, &name],
+            )
+            .await
+            .context("count the table's chunks in the ledger")?
+            .get(0);
+        Ok(have.max(0) as u64 >= count)
     }
 
     /// Read a split table back whole and compare it with the sum of its chunks' digests. Equal:
@@ -1126,6 +1174,16 @@ impl ReceiverService {
         self.inner.refuse_cancelled(&req.job_id)?;
         let target = &self.inner.config.target;
         let job = req.job_id.as_str();
+        // Post-data applied while the copy went on stops here: what it did not get to is
+        // applied below, and nothing of it runs beside finalize.
+        let early = self.inner.early_post.stop(job).await;
+        if early > 0 {
+            tracing::info!(
+                job,
+                entries = early,
+                "post-data entries applied during the copy, as their tables were loaded"
+            );
+        }
         let client = target.connect("haul-finalize").await?;
         schema::wait_for_earlier_post_data(&client, job).await?;
         let done = ledger::steps_applied(&client, job).await?;
@@ -1133,9 +1191,7 @@ impl ReceiverService {
         let post_path = self.inner.spool.schema_path(job, "post");
         let post_objects = match tokio::fs::read_to_string(&post_path).await {
             Ok(text) => {
-                // A --follow job's own publication is the source's, not the target's.
-                let script = Script::parse(&text)
-                    .without_publication(&haul_core::ident::follow_names(job).1);
+                let script = schema::post_script(&text, job);
                 // How to undo it, written down before any of it is applied (the first record
                 // stands: a run again after a crash keeps it).
                 undo::record_post_data(&client, job, &script).await?;
@@ -1473,6 +1529,7 @@ impl ReceiverService {
         let _one_at_a_time = lock.lock().await;
         haul_core::failpoint::die("die-in-cleanup");
         haul_core::failpoint::stall("stall-in-cleanup").await;
+        self.inner.early_post.stop(&req.job_id).await;
         let mut outcome = undo::Outcome::default();
         if req.undo {
             if let Ok(mut c) = self.inner.cancelled.lock() {

@@ -14,7 +14,8 @@
 //! 150 ms, at most 50 Mbit/s per TCP connection), `lfn-incompressible` (that path, moving only
 //! the bytea), then `cap`. Figures from one run on a shared
 //! machine: compare ratios. `HAUL_BENCH_CODEC=zstd:3` runs haul with that `--codec` and
-//! prints its choices; `HAUL_BENCH_ARGS="--no-verify"` adds flags to `haul start`.
+//! prints its choices; `HAUL_BENCH_ARGS="--no-verify"` adds flags to `haul start`;
+//! `HAUL_BENCH_PIPE=0` skips the pipe.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -128,7 +129,12 @@ fn main() -> anyhow::Result<()> {
     );
     for s in SCENARIOS.iter().filter(|s| run_it(s.name)) {
         let h = haul_move(&source, &target, dir.path(), &certs, s, 1, None)?;
-        let p = pipe_move(&source, &target, s)?;
+        // HAUL_BENCH_PIPE=0: haul only, to iterate on haul (the pipe's figures print as 0).
+        let p = if std::env::var("HAUL_BENCH_PIPE").is_ok_and(|v| v == "0") {
+            Moved::none()
+        } else {
+            pipe_move(&source, &target, s)?
+        };
         let bytes = match s.only {
             Some(t) => source
                 .psql("src", &format!("SELECT pg_table_size('public.{t}')"))?
@@ -202,6 +208,22 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+impl Moved {
+    /// A move that was not made.
+    fn none() -> Moved {
+        Moved {
+            secs: f64::NAN,
+            raw: 0,
+            wire: 0,
+            rss: [0.0; 3],
+            windows: Vec::new(),
+            changed_window: 0,
+            new_rate_after: None,
+            codecs: String::new(),
+        }
+    }
 }
 
 /// What one move did.
@@ -365,6 +387,7 @@ fn haul_move(
     let t0 = Instant::now();
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let mut changed: Option<f64> = None;
+    let mut phases: Vec<(f64, String)> = Vec::new();
     let status = loop {
         std::thread::sleep(Duration::from_millis(100));
         let now = t0.elapsed().as_secs_f64();
@@ -396,6 +419,11 @@ fn haul_move(
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
             continue;
         };
+        if let Some(p) = v["phase"].as_str() {
+            if phases.last().is_none_or(|(_, q): &(f64, String)| q != p) {
+                phases.push((now, p.to_string()));
+            }
+        }
         if v["phase"] == "done" || v["phase"] == "failed" {
             break v;
         }
@@ -459,6 +487,19 @@ fn haul_move(
         }
         windows.push(rate);
         i = j;
+    }
+    // HAUL_BENCH_TIMELINE=1: the link's Mbit/s in each 1 s window, and when each phase began.
+    if cap.is_none() && std::env::var("HAUL_BENCH_TIMELINE").is_ok_and(|v| v == "1") {
+        let line: Vec<String> = windows
+            .iter()
+            .map(|w| format!("{:.0}", w * 8.0 / 1e6))
+            .collect();
+        println!("    Mbit/s per 1 s window: {}", line.join(" "));
+        let phases: Vec<String> = phases
+            .iter()
+            .map(|(t, p)| format!("{p} at {t:.1} s"))
+            .collect();
+        println!("    phases: {}", phases.join(", "));
     }
     Ok(Moved {
         secs,

@@ -94,6 +94,116 @@ impl Script {
     pub fn is_independent_post(e: &Entry) -> bool {
         matches!(e.kind.as_str(), "INDEX" | "CONSTRAINT")
     }
+
+    /// The one table (schema, name) a post-data entry is built on, when it needs nothing but
+    /// that table's rows: an index, or a key, unique, exclusion or check constraint, on a
+    /// table with rows of its own. Such an entry can be applied as soon as the table is
+    /// loaded, while the rest of the job still copies. `None` for anything else: an index or
+    /// key on a partitioned table (`ONLY` its parent, attached at the end), foreign keys,
+    /// triggers, rules, attachments.
+    pub fn post_entry_table(e: &Entry) -> Option<(String, String)> {
+        let sql = e.sql.trim_start();
+        let rest = match e.kind.as_str() {
+            "INDEX" => {
+                let mut words = Words(sql);
+                if !words.keyword("CREATE") {
+                    return None;
+                }
+                words.keyword("UNIQUE");
+                if !words.keyword("INDEX") {
+                    return None;
+                }
+                words.name()?;
+                if !words.keyword("ON") || words.keyword("ONLY") {
+                    return None;
+                }
+                words
+            }
+            "CONSTRAINT" => {
+                let mut words = Words(sql);
+                if !(words.keyword("ALTER") && words.keyword("TABLE") && words.keyword("ONLY")) {
+                    return None;
+                }
+                let mut after = Words(words.0);
+                after.name()?;
+                if after.keyword(".") {
+                    after.name()?;
+                }
+                if !(after.keyword("ADD") && after.keyword("CONSTRAINT")) {
+                    return None;
+                }
+                words
+            }
+            _ => return None,
+        };
+        let mut words = rest;
+        let first = words.name()?;
+        if words.keyword(".") {
+            let second = words.name()?;
+            Some((first, second))
+        } else {
+            None
+        }
+    }
+}
+
+/// A cursor over SQL as pg_dump writes it: keywords and (maybe quoted) identifiers.
+struct Words<'a>(&'a str);
+
+impl Words<'_> {
+    /// Consume `word` (a keyword, case-insensitively, or the `.` of a qualified name) if it
+    /// comes next.
+    fn keyword(&mut self, word: &str) -> bool {
+        let s = self.0.trim_start();
+        if word == "." {
+            if let Some(rest) = s.strip_prefix('.') {
+                self.0 = rest;
+                return true;
+            }
+            return false;
+        }
+        let end = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(s.len());
+        if end > 0 && s[..end].eq_ignore_ascii_case(word) {
+            self.0 = &s[end..];
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Consume an identifier: `"..."` (with `""` for a quote) or a bare word, as written.
+    fn name(&mut self) -> Option<String> {
+        let s = self.0.trim_start();
+        if let Some(quoted) = s.strip_prefix('"') {
+            let mut out = String::new();
+            let mut chars = quoted.char_indices().peekable();
+            while let Some((i, c)) = chars.next() {
+                if c == '"' {
+                    if matches!(chars.peek(), Some((_, '"'))) {
+                        chars.next();
+                        out.push('"');
+                    } else {
+                        self.0 = &quoted[i + 1..];
+                        return Some(out);
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            None
+        } else {
+            let end = s
+                .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+                .unwrap_or(s.len());
+            if end == 0 {
+                return None;
+            }
+            self.0 = &s[end..];
+            Some(s[..end].to_string())
+        }
+    }
 }
 
 fn parse_header(line: &str) -> Option<Entry> {
@@ -132,6 +242,69 @@ fn trim_comments(sql: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_post_data_entry_names_the_one_table_it_is_built_on() {
+        let e = |kind: &str, sql: &str| Entry {
+            kind: kind.into(),
+            name: "x".into(),
+            schema: "public".into(),
+            sql: sql.into(),
+        };
+        let t = |s: &str, n: &str| Some((s.to_string(), n.to_string()));
+        assert_eq!(
+            Script::post_entry_table(&e(
+                "INDEX",
+                "CREATE INDEX t1_name ON public.t1 USING btree (name);"
+            )),
+            t("public", "t1")
+        );
+        assert_eq!(
+            Script::post_entry_table(&e(
+                "INDEX",
+                "CREATE UNIQUE INDEX \"Odd \"\"ix\"\"\" ON \"My Schema\".\"Mixed \"\"T\"\"\" USING btree (a);"
+            )),
+            t("My Schema", "Mixed \"T\"")
+        );
+        assert_eq!(
+            Script::post_entry_table(&e(
+                "CONSTRAINT",
+                "ALTER TABLE ONLY public.readings\n    ADD CONSTRAINT readings_pkey PRIMARY KEY (id);"
+            )),
+            t("public", "readings")
+        );
+        assert_eq!(
+            Script::post_entry_table(&e(
+                "CONSTRAINT",
+                "ALTER TABLE ONLY \"s\".\"t\"\n    ADD CONSTRAINT u EXCLUDE USING gist (r WITH &&);"
+            )),
+            t("s", "t")
+        );
+        // On a partitioned table: attached at the end, with its partitions' indexes.
+        assert_eq!(
+            Script::post_entry_table(&e(
+                "INDEX",
+                "CREATE INDEX p_at ON ONLY public.p USING btree (at);"
+            )),
+            None
+        );
+        // Anything that needs more than one table's rows, or acts on writes.
+        for (kind, sql) in [
+            (
+                "FK CONSTRAINT",
+                "ALTER TABLE ONLY public.a\n    ADD CONSTRAINT a_b FOREIGN KEY (b) REFERENCES public.b(id);",
+            ),
+            (
+                "TRIGGER",
+                "CREATE TRIGGER tr BEFORE INSERT ON public.a FOR EACH ROW EXECUTE FUNCTION f();",
+            ),
+            ("INDEX ATTACH", "ALTER INDEX public.p_at ATTACH PARTITION public.p1_at;"),
+            ("CONSTRAINT", "ALTER TABLE public.a CLUSTER ON a_pkey;"),
+            ("INDEX", "CREATE INDEX broken ON"),
+        ] {
+            assert_eq!(Script::post_entry_table(&e(kind, sql)), None, "{sql}");
+        }
+    }
 
     #[test]
     fn a_follow_jobs_own_publication_is_left_out() {
