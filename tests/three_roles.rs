@@ -109,6 +109,18 @@ fn three_processes_move_and_refuse_strangers() -> anyhow::Result<()> {
         sender.log_text()
     );
     assert!(stdout.contains("result     done"), "{stdout}");
+    // Each agent started again at once with glibc's malloc held to two arenas (same process,
+    // same pid): many blocking threads would otherwise each keep what they freed.
+    for agent in [&receiver, &sender] {
+        let environ = std::fs::read(format!("/proc/{}/environ", agent.pid()))?;
+        assert!(
+            environ
+                .split(|b| *b == 0)
+                .any(|v| v == b"MALLOC_ARENA_MAX=2"),
+            "agent {} runs without MALLOC_ARENA_MAX=2",
+            agent.pid()
+        );
+    }
 
     let diffs = compare_databases(&source.url("rich"), &target.url("rich"))?;
     assert!(
