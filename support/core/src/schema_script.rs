@@ -251,35 +251,38 @@ mod tests {
             schema: "public".into(),
             sql: sql.into(),
         };
-        let t = |s: &str, n: &str| Some((s.to_string(), n.to_string()));
-        assert_eq!(
-            Script::post_entry_table(&e(
+        for (kind, sql, schema, table) in [
+            (
                 "INDEX",
-                "CREATE INDEX t1_name ON public.t1 USING btree (name);"
-            )),
-            t("public", "t1")
-        );
-        assert_eq!(
-            Script::post_entry_table(&e(
+                "CREATE INDEX t1_name ON public.t1 USING btree (name);",
+                "public",
+                "t1",
+            ),
+            (
                 "INDEX",
-                "CREATE UNIQUE INDEX \"Odd \"\"ix\"\"\" ON \"My Schema\".\"Mixed \"\"T\"\"\" USING btree (a);"
-            )),
-            t("My Schema", "Mixed \"T\"")
-        );
-        assert_eq!(
-            Script::post_entry_table(&e(
+                "CREATE UNIQUE INDEX \"Odd \"\"ix\"\"\" ON \"My Schema\".\"Mixed \"\"T\"\"\" USING btree (a);",
+                "My Schema",
+                "Mixed \"T\"",
+            ),
+            (
                 "CONSTRAINT",
-                "ALTER TABLE ONLY public.readings\n    ADD CONSTRAINT readings_pkey PRIMARY KEY (id);"
-            )),
-            t("public", "readings")
-        );
-        assert_eq!(
-            Script::post_entry_table(&e(
+                "ALTER TABLE ONLY public.readings\n    ADD CONSTRAINT readings_pkey PRIMARY KEY (id);",
+                "public",
+                "readings",
+            ),
+            (
                 "CONSTRAINT",
-                "ALTER TABLE ONLY \"s\".\"t\"\n    ADD CONSTRAINT u EXCLUDE USING gist (r WITH &&);"
-            )),
-            t("s", "t")
-        );
+                "ALTER TABLE ONLY \"s\".\"t\"\n    ADD CONSTRAINT u EXCLUDE USING gist (r WITH &&);",
+                "s",
+                "t",
+            ),
+        ] {
+            assert_eq!(
+                Script::post_entry_table(&e(kind, sql)),
+                Some((schema.to_string(), table.to_string())),
+                "{sql}"
+            );
+        }
         // On a partitioned table: attached at the end, with its partitions' indexes.
         assert_eq!(
             Script::post_entry_table(&e(
