@@ -21,11 +21,8 @@ fn is_switch(arg: &clap::Arg) -> bool {
     )
 }
 
-pub fn expand(raw: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
-    let strs: Vec<String> = raw
-        .iter()
-        .map(|s| s.to_string_lossy().into_owned())
-        .collect();
+/// The command line's `--config` file, if any, and where its subcommand is.
+fn scan(strs: &[String]) -> (Option<String>, Option<usize>) {
     let mut config: Option<String> = None;
     let mut sub_at = None;
     let mut i = 1;
@@ -43,6 +40,25 @@ pub fn expand(raw: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
         }
         i += 1;
     }
+    (config, sub_at)
+}
+
+/// The subcommand named on a raw command line (before `--config` is read).
+pub fn subcommand(raw: &[OsString]) -> Option<String> {
+    let strs: Vec<String> = raw
+        .iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    let (_, sub_at) = scan(&strs);
+    sub_at.map(|i| strs[i].clone())
+}
+
+pub fn expand(raw: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
+    let strs: Vec<String> = raw
+        .iter()
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect();
+    let (config, sub_at) = scan(&strs);
     let (Some(path), Some(sub_at)) = (config, sub_at) else {
         return Ok(raw);
     };

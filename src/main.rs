@@ -20,7 +20,9 @@ use tokio_util::sync::CancellationToken;
 use crate::cli::{CertsCommand, Cli, Command};
 
 fn main() -> ExitCode {
-    let args = match config::expand(std::env::args_os().collect()) {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    few_malloc_arenas(&raw);
+    let args = match config::expand(raw) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("haul: {e:#}");
@@ -28,7 +30,6 @@ fn main() -> ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
-    few_malloc_arenas(&cli.command);
     let default_level = match &cli.command {
         Command::Demo(_)
         | Command::Copy(_)
@@ -94,11 +95,12 @@ fn main() -> ExitCode {
 /// flight a sender peaked at 190-230 MiB with the default, 140 MiB with two arenas, at the same
 /// speed (`long_haul`, lfn scenarios); the receiver went from 85 to 64 MiB. mimalloc was tried
 /// and did worse (260-280 MiB). Setting the variable, to anything, keeps the process as it is.
-fn few_malloc_arenas(command: &Command) {
+fn few_malloc_arenas(raw: &[std::ffi::OsString]) {
     use std::os::unix::process::CommandExt;
+    // Before anything is read (a `--config` file may be a pipe, read once, by the new process).
     let agent = matches!(
-        command,
-        Command::Coordinator(_) | Command::Receiver(_) | Command::Sender(_) | Command::Copy(_)
+        config::subcommand(raw).as_deref(),
+        Some("coordinator" | "receiver" | "sender" | "copy")
     );
     if !agent || std::env::var_os("MALLOC_ARENA_MAX").is_some() {
         return;
@@ -106,12 +108,14 @@ fn few_malloc_arenas(command: &Command) {
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
-    let mut args = std::env::args_os();
-    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    let arg0 = raw
+        .first()
+        .cloned()
+        .unwrap_or_else(|| exe.clone().into_os_string());
     // `exec` returns only when it failed: the process then goes on as it is.
     let _ = std::process::Command::new(&exe)
         .arg0(arg0)
-        .args(args)
+        .args(raw.iter().skip(1))
         .env("MALLOC_ARENA_MAX", "2")
         .exec();
 }

@@ -345,17 +345,15 @@ impl State {
                         let grouped = j.chunks[index].group != 0;
                         let c = &j.chunks[index];
                         let (chunk_id, range, table) = (c.id, c.range.to_wire(), c.table);
-                        // A split table, verified: its receiver reads it back whole once the
-                        // last of its chunks is in (a chunk that is its table is read back
-                        // on its own).
-                        let table_chunks = if !grouped
-                            && j.record.options.verify
-                            && !matches!(c.range, haul_core::chunk::Range::Whole)
-                        {
-                            j.table_chunk_count(table)
-                        } else {
-                            0
-                        };
+                        // A split table: its receiver builds its indexes once the last of
+                        // its chunks is in, and, verified, reads it back whole then (a chunk
+                        // that is its table is read back on its own).
+                        let table_chunks =
+                            if !grouped && !matches!(c.range, haul_core::chunk::Range::Whole) {
+                                j.table_chunk_count(table)
+                            } else {
+                                0
+                            };
                         let est_bytes = members.iter().map(|&i| j.chunks[i].est_bytes).sum();
                         // This sender's share of the job's cap, with this lease counted.
                         let cap = crate::cap::in_force(

@@ -107,6 +107,16 @@ impl EarlyPost {
     /// Stop the job's sessions and wait for the batches in hand; the tables still queued are
     /// left to finalize. Returns how many entries were applied during the copy.
     pub async fn stop(&self, job_id: &str) -> u64 {
+        self.stop_then(job_id, async {}).await
+    }
+
+    /// [`EarlyPost::stop`], running `meanwhile` once no session starts another batch and
+    /// before waiting for the batches in hand (a cancel cancels their statements there).
+    pub async fn stop_then(
+        &self,
+        job_id: &str,
+        meanwhile: impl std::future::Future<Output = ()>,
+    ) -> u64 {
         let job = match self.jobs.lock() {
             Ok(mut jobs) => jobs.insert(job_id.to_string(), None).flatten(),
             Err(_) => None,
@@ -116,6 +126,7 @@ impl EarlyPost {
         };
         job.shared.stop.store(true, Ordering::Relaxed);
         drop(job.tables);
+        meanwhile.await;
         for s in job.sessions {
             let _ = s.await;
         }

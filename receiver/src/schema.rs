@@ -466,9 +466,11 @@ async fn apply_locked(
         for (i, e) in &entries {
             let step = format!("post:{i}");
             if !done.contains(&step) {
+                // In its own tablespace: entries go in batches, on parallel sessions, by
+                // table, so the setting pg_dump printed before them may be on another session.
                 sql.push_str(&format!(
                     "{}\n;\n{};\n",
-                    e.sql,
+                    e.sql_in_its_tablespace(),
                     crate::ledger::mark_step(job_id, &step)
                 ));
             }
@@ -491,6 +493,20 @@ fn post_lock_key(job_id: &str) -> i32 {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
     h as i32
+}
+
+/// Cancel what a job's post-data sessions are running (an index build can take hours; a
+/// cancelled job does not wait for one). Their transactions roll back.
+pub(crate) async fn cancel_post_data(client: &Client, job_id: &str) -> anyhow::Result<()> {
+    client
+        .execute(
+            "SELECT pg_catalog.pg_cancel_backend(pid) FROM pg_catalog.pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_catalog.pg_backend_pid()",
+            &[&post_application(job_id)],
+        )
+        .await
+        .context("cancel the job's post-data statements on the target")?;
+    Ok(())
 }
 
 /// The application name of a job's post-data sessions, so a later run can find them.

@@ -1529,7 +1529,6 @@ impl ReceiverService {
         let _one_at_a_time = lock.lock().await;
         haul_core::failpoint::die("die-in-cleanup");
         haul_core::failpoint::stall("stall-in-cleanup").await;
-        self.inner.early_post.stop(&req.job_id).await;
         let mut outcome = undo::Outcome::default();
         if req.undo {
             if let Ok(mut c) = self.inner.cancelled.lock() {
@@ -1539,7 +1538,19 @@ impl ReceiverService {
             // (`CheckLease`), and one committing now holds its table's lock until it is in, so
             // the undo below waits for it and takes it away too.
             let client = self.inner.config.target.connect("haul-cancel").await?;
+            // Indexes being built for the copy are not waited for: their statements are
+            // cancelled, and what they built is undone with the rest.
+            self.inner
+                .early_post
+                .stop_then(&req.job_id, async {
+                    if let Err(e) = schema::cancel_post_data(&client, &req.job_id).await {
+                        tracing::debug!(job = %req.job_id, "{e:#}");
+                    }
+                })
+                .await;
             outcome = undo::run(&client, &req.job_id, req.keep_target).await?;
+        } else {
+            self.inner.early_post.stop(&req.job_id).await;
         }
         // A cancelled job kept on the target keeps its ledger too: it says which chunks of
         // the rows there were applied, and by which job. One undone loses it, --keep-ledger

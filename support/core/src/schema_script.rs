@@ -14,6 +14,23 @@ pub struct Entry {
     pub name: String,
     pub schema: String,
     pub sql: String,
+    /// pg_dump's `Tablespace:`, for an object stored in one other than the database's default.
+    /// pg_dump sets `default_tablespace` only when it changes, in a line before the entry (so
+    /// it lands at the end of the entry before): an entry applied out of order, on another
+    /// session, sets it itself ([`Entry::sql_in_its_tablespace`]).
+    pub tablespace: Option<String>,
+}
+
+impl Entry {
+    /// The entry's SQL, after setting `default_tablespace` to its own (or the default): what
+    /// to run for an index or key applied apart from the entries printed before it.
+    pub fn sql_in_its_tablespace(&self) -> String {
+        format!(
+            "SET default_tablespace = {};\n{}",
+            crate::ident::quote_literal(self.tablespace.as_deref().unwrap_or("")),
+            self.sql
+        )
+    }
 }
 
 /// A dump split into its session preamble (SET lines run once per connection), the statements
@@ -98,9 +115,10 @@ impl Script {
     /// The one table (schema, name) a post-data entry is built on, when it needs nothing but
     /// that table's rows: an index, or a key, unique, exclusion or check constraint, on a
     /// table with rows of its own. Such an entry can be applied as soon as the table is
-    /// loaded, while the rest of the job still copies. `None` for anything else: an index or
-    /// key on a partitioned table (`ONLY` its parent, attached at the end), foreign keys,
-    /// triggers, rules, attachments.
+    /// loaded, while the rest of the job still copies. `None` for anything else: an index on a
+    /// partitioned table (`ON ONLY` its parent, attached at the end), foreign keys, triggers,
+    /// rules, attachments. (A partitioned parent's key, `ALTER TABLE ONLY parent`, is mapped
+    /// to the parent, which is never loaded: only tables with rows of their own are copied.)
     pub fn post_entry_table(e: &Entry) -> Option<(String, String)> {
         let sql = e.sql.trim_start();
         let rest = match e.kind.as_str() {
@@ -211,11 +229,16 @@ fn parse_header(line: &str) -> Option<Entry> {
     let (name, rest) = rest.split_once("; Type: ")?;
     let (kind, rest) = rest.split_once("; Schema: ")?;
     let schema = rest.split_once("; Owner:").map_or(rest, |(s, _)| s);
+    let tablespace = rest
+        .split_once("; Tablespace: ")
+        .map(|(_, t)| t.trim().to_string())
+        .filter(|t| !t.is_empty());
     Some(Entry {
         kind: kind.to_string(),
         name: name.to_string(),
         schema: schema.to_string(),
         sql: String::new(),
+        tablespace,
     })
 }
 
@@ -244,12 +267,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_index_applied_apart_sets_its_own_tablespace() {
+        // pg_dump sets default_tablespace before an entry's header, only when it changes: the
+        // line ends up in the entry printed before.
+        let text =
+            "--\n-- Name: a_x; Type: INDEX; Schema: public; Owner: u; Tablespace: fast\n--\n\n\
+CREATE INDEX a_x ON public.a USING btree (x);\n\n\
+SET default_tablespace = '';\n\n\
+--\n-- Name: b_y; Type: INDEX; Schema: public; Owner: u\n--\n\n\
+CREATE INDEX b_y ON public.b USING btree (y);\n";
+        let s = Script::parse(text);
+        assert_eq!(s.entries.len(), 2, "{s:?}");
+        assert_eq!(s.entries[0].tablespace.as_deref(), Some("fast"));
+        assert_eq!(s.entries[1].tablespace, None);
+        let first = s.entries[0].sql_in_its_tablespace();
+        assert!(
+            first.starts_with("SET default_tablespace = 'fast';\n")
+                && first.contains("CREATE INDEX a_x"),
+            "{first}"
+        );
+        let second = s.entries[1].sql_in_its_tablespace();
+        assert!(
+            second.starts_with("SET default_tablespace = '';\n")
+                && second.contains("CREATE INDEX b_y"),
+            "{second}"
+        );
+    }
+
+    #[test]
     fn a_post_data_entry_names_the_one_table_it_is_built_on() {
         let e = |kind: &str, sql: &str| Entry {
             kind: kind.into(),
             name: "x".into(),
             schema: "public".into(),
             sql: sql.into(),
+            tablespace: None,
         };
         for (kind, sql, schema, table) in [
             (
