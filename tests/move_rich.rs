@@ -75,3 +75,70 @@ fn copy_moves_the_rich_database_exactly() -> anyhow::Result<()> {
     assert_eq!(fired.trim(), "0");
     Ok(())
 }
+
+/// Indexes and keys in a tablespace of their own, and beside them ones in the default: built
+/// while the copy goes on (each table is split in chunks, so its indexes go as soon as it is
+/// loaded, on parallel sessions, out of pg_dump's order), each lands in its own tablespace on
+/// the target, by the catalog and by the independent comparison.
+#[test]
+fn indexes_built_during_the_copy_keep_their_tablespaces() -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let (source, target) = common::two_clusters()?;
+    for c in [&source, &target] {
+        let dir = c.dir().join("ts_fast");
+        std::fs::create_dir(&dir)?;
+        let owner = std::fs::metadata(c.data_dir())?;
+        std::os::unix::fs::chown(&dir, Some(owner.uid()), Some(owner.gid()))?;
+        c.psql(
+            "postgres",
+            &format!("CREATE TABLESPACE fast LOCATION '{}'", dir.display()),
+        )?;
+        c.create_database("ts")?;
+    }
+    source.psql(
+        "ts",
+        "CREATE TABLE a (id int PRIMARY KEY, x text NOT NULL); \
+         CREATE INDEX a_x ON a (x) TABLESPACE fast; \
+         CREATE TABLE b (id int PRIMARY KEY USING INDEX TABLESPACE fast, y text NOT NULL); \
+         CREATE INDEX b_y ON b (y); \
+         CREATE TABLE c (id int PRIMARY KEY, z text NOT NULL); \
+         CREATE UNIQUE INDEX c_z ON c (z) TABLESPACE fast; \
+         INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 20000) g; \
+         INSERT INTO b SELECT g, md5((g * 3)::text) FROM generate_series(1, 20000) g; \
+         INSERT INTO c SELECT g, md5((g * 7)::text) FROM generate_series(1, 20000) g;",
+    )?;
+    let out = Command::new(env!("CARGO_BIN_EXE_haul"))
+        .args([
+            "copy",
+            "--source",
+            &source.url("ts"),
+            "--target",
+            &target.url("ts"),
+            "--chunk-size",
+            "64KB",
+            "--log",
+            "info",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "haul copy failed:\n{stderr}");
+    assert!(
+        stderr.contains("post-data entries applied during the copy"),
+        "no index was built during the copy:\n{stderr}"
+    );
+    let where_sql = "SELECT string_agg(indexname || '=' || coalesce(tablespace, '-'), ' ' \
+                     ORDER BY indexname) FROM pg_indexes WHERE schemaname = 'public'";
+    let on_source = source.psql("ts", where_sql)?;
+    assert_eq!(
+        on_source.trim(),
+        "a_pkey=- a_x=fast b_pkey=fast b_y=- c_pkey=- c_z=fast"
+    );
+    assert_eq!(target.psql("ts", where_sql)?.trim(), on_source.trim());
+    let diffs = compare_databases(&source.url("ts"), &target.url("ts"))?;
+    assert!(
+        diffs.is_empty(),
+        "source and target differ:\n{}",
+        diffs.join("\n")
+    );
+    Ok(())
+}

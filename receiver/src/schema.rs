@@ -339,10 +339,11 @@ pub fn post_script(text: &str, job_id: &str) -> Script {
 
 /// Apply post-data with up to `parallel` connections; returns the number of entries.
 ///
-/// Every entry commits together with its row in `haul.finalize_applied` (one implicit
-/// transaction per entry), and entries recorded there are skipped: a finalize that runs again
-/// after a crash of any role, or twice at once after a coordinator restart, never creates an
-/// index a second time.
+/// Every entry commits together with its row in `haul.finalize_applied`, in batches, under an
+/// advisory lock per entry ([`apply_recorded`]), and entries recorded there are skipped: a
+/// finalize that runs again after a crash of any role, twice at once after a coordinator
+/// restart, or beside the sessions that built a loaded table's indexes during the copy, never
+/// creates an index a second time.
 pub async fn apply_post(
     target: &DbUrl,
     script: &Script,
@@ -424,6 +425,13 @@ pub(crate) async fn apply_recorded(
     match apply_locked(client, job_id, entries).await {
         Ok(()) => Ok(()),
         Err(err) if entries.len() == 1 => Err(entry_error("create", entries[0].1, &err)),
+        // Cancelled (a cancelled job): the entries are not to blame, and not replayed.
+        Err(err) if err.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
+            Err(anyhow::anyhow!(
+                "post-data cancelled on the target: {}",
+                haul_core::pg::db_error_line(&err)
+            ))
+        }
         Err(_) => {
             for (i, e) in entries {
                 apply_locked(client, job_id, &[(*i, *e)])
