@@ -18,7 +18,8 @@
 //! - Nothing here fails the job: an entry that fails is left to finalize, which applies it
 //!   again and names it if it fails there too.
 //! - Finalize and cleanup stop a job's sessions first ([`EarlyPost::stop`]) and wait for the
-//!   batch in hand, so they never race one of them for a table's locks.
+//!   batch in hand, so they never race one of them for a table's locks; a cancel cancels the
+//!   statements of that batch instead of waiting for them (`schema::cancel_post_data`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
